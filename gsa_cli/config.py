@@ -1,0 +1,376 @@
+"""Run configuration as frozen dataclasses, with strict loading from plain mappings.
+
+A preset is YAML data with the sections ``data``, ``model`` and ``recipe`` (plus a ``description``).
+:func:`config_from_mapping` turns such a mapping into a :class:`Config`, refusing unknown keys, wrong
+types and impossible values with the dotted key named; :func:`apply_overrides` applies
+``section.key=value`` strings from the command line with the same checks. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import yaml
+
+from gsa_cli.errors import ConfigError
+
+# Blocks per stage for each named depth [ours, SASA's].
+DEPTHS: dict[int, tuple[int, ...]] = {
+    26: (1, 2, 4, 1),
+    38: (2, 3, 5, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+}
+EXPANSION = 4  # bottleneck output channels = EXPANSION * width of the stage
+
+
+class ModelKind(str, Enum):
+    """The spatial operator of every bottleneck in the GSA stages."""
+
+    GSA = "gsa"
+    CONV = "conv"
+
+
+class Stem(str, Enum):
+    IMAGENET = "imagenet"  # 7x7 conv stride 2, BN, ReLU, 3x3 max pool stride 2
+    CIFAR = "cifar"  # 3x3 conv stride 1, BN, ReLU
+
+
+class Dataset(str, Enum):
+    IMAGENET = "imagenet"
+    CIFAR100 = "cifar100"
+    DIGITS = "digits"
+    SYNTHETIC = "synthetic"
+
+
+class Optimizer(str, Enum):
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Dataset
+    img_size: int
+    num_classes: int
+    channels: int = 3
+    train_samples: int | None = None  # synthetic data only
+    val_samples: int | None = None  # synthetic data only
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: ModelKind = ModelKind.GSA
+    depth: int | None = 50
+    layers: tuple[int, ...] | None = None  # blocks per stage; replaces depth when given
+    width: int = 64  # bottleneck width of the first stage, doubled at each later stage
+    stem: Stem = Stem.IMAGENET
+    gsa_stages: tuple[int, ...] = (1, 2, 3, 4)  # 1-based stages whose spatial operator is GSA
+    zero_init_residual: bool = False
+    heads: int = 8
+    key_ratio: float = 1.0  # d_k = key_ratio * C_out [ours: 1.0, the SASA choice]
+    span: int | None = None  # None: global, each module's span is its input feature-map size
+    content: bool = True
+    positional: bool = True
+    query_softmax: bool = False
+
+    @property
+    def stage_blocks(self) -> tuple[int, ...]:
+        """Blocks per stage, from ``layers`` or the ``depth`` table."""
+        if self.layers is not None:
+            return self.layers
+        assert self.depth is not None  # guaranteed by validation
+        return DEPTHS[self.depth]
+
+    def stage_width(self, stage: int) -> int:
+        """Bottleneck width (the spatial operator's channels) of a 1-based stage."""
+        return self.width * 2 ** (stage - 1)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    epochs: int = 90
+    batch_size: int = 256
+    optimizer: Optimizer = Optimizer.SGD
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 5.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    randaugment: bool = False
+    ema_decay: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved, validated run configuration."""
+
+    name: str
+    description: str
+    data: DataConfig
+    model: ModelConfig
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+
+class _InvalidKeyError(Exception):
+    """A problem at a dotted key; the caller adds where the value came from."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building dataclasses from mappings, strictly.
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "one of " + ", ".join(repr(member.value) for member in tp)
+    if tp is type(None):
+        return "null"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise :class:`_InvalidKeyError` naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except _InvalidKeyError:
+                continue
+        raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        (item_type, _) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        assert isinstance(tp, type)
+        return _build(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    section = prefix or "the top level"
+    if not isinstance(data, Mapping):
+        raise _InvalidKeyError(section, f"expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in known:
+            raise _InvalidKeyError(key, f"unknown key (known keys: {', '.join(sorted(known))})")
+        values[name] = _coerce(value, hints[name], key)
+    for name, spec in known.items():
+        no_default = spec.default is dataclasses.MISSING
+        if name not in values and no_default and spec.default_factory is dataclasses.MISSING:
+            key = f"{prefix}.{name}" if prefix else name
+            raise _InvalidKeyError(key, f"missing (expected {_type_name(hints[name])})")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values that are well-typed but impossible.
+
+
+def _validate(cfg: Config) -> None:
+    data, model, recipe = cfg.data, cfg.model, cfg.recipe
+    if data.img_size < 1:
+        raise _InvalidKeyError("data.img_size", f"must be at least 1, got {data.img_size}")
+    if data.num_classes < 2:
+        raise _InvalidKeyError("data.num_classes", f"must be at least 2, got {data.num_classes}")
+    if data.channels < 1:
+        raise _InvalidKeyError("data.channels", f"must be at least 1, got {data.channels}")
+    for name in ("train_samples", "val_samples"):
+        count = getattr(data, name)
+        if data.dataset is Dataset.SYNTHETIC and (count is None or count < 1):
+            raise _InvalidKeyError(f"data.{name}", "synthetic data needs a sample count of at least 1")
+
+    if model.layers is not None:
+        if model.depth is not None:
+            raise _InvalidKeyError("model.depth", "give either depth or layers, not both (set depth: null)")
+        if not 1 <= len(model.layers) <= 4 or min(model.layers) < 1:
+            raise _InvalidKeyError("model.layers", "must list 1 to 4 stages of at least one block each")
+    elif model.depth not in DEPTHS:
+        depths = ", ".join(str(d) for d in DEPTHS)
+        raise _InvalidKeyError(
+            "model.depth", f"must be one of {depths} (or give model.layers), got {model.depth}"
+        )
+    if model.width < 1:
+        raise _InvalidKeyError("model.width", f"must be at least 1, got {model.width}")
+    stages = len(model.stage_blocks)
+    if len(set(model.gsa_stages)) != len(model.gsa_stages) or any(
+        not 1 <= s <= stages for s in model.gsa_stages
+    ):
+        raise _InvalidKeyError("model.gsa_stages", f"must be distinct stage numbers from 1 to {stages}")
+    if model.heads < 1:
+        raise _InvalidKeyError("model.heads", f"must be at least 1, got {model.heads}")
+    if model.key_ratio <= 0:
+        raise _InvalidKeyError("model.key_ratio", f"must be positive, got {model.key_ratio}")
+    for stage in model.gsa_stages:
+        channels = model.stage_width(stage)
+        if channels % model.heads:
+            raise _InvalidKeyError(
+                "model.heads",
+                f"{model.heads} heads do not divide the {channels} channels of stage {stage}",
+            )
+        keys = channels * model.key_ratio
+        if keys != int(keys) or int(keys) % model.heads or keys < model.heads:
+            raise _InvalidKeyError(
+                "model.key_ratio",
+                f"gives {keys:g} key channels in stage {stage}, not a multiple of {model.heads} heads",
+            )
+    if model.span is not None and model.span < 1:
+        raise _InvalidKeyError("model.span", f"must be at least 1 (or null for global), got {model.span}")
+    if not (model.content or model.positional):
+        raise _InvalidKeyError("model.content", "content and positional cannot both be false")
+
+    if recipe.epochs < 1:
+        raise _InvalidKeyError("recipe.epochs", f"must be at least 1, got {recipe.epochs}")
+    if recipe.batch_size < 1:
+        raise _InvalidKeyError("recipe.batch_size", f"must be at least 1, got {recipe.batch_size}")
+    if recipe.lr <= 0:
+        raise _InvalidKeyError("recipe.lr", f"must be positive, got {recipe.lr}")
+    if not 0 <= recipe.momentum < 1:
+        raise _InvalidKeyError("recipe.momentum", f"must be in [0, 1), got {recipe.momentum}")
+    if recipe.weight_decay < 0:
+        raise _InvalidKeyError("recipe.weight_decay", f"must not be negative, got {recipe.weight_decay}")
+    if recipe.warmup_epochs < 0:
+        raise _InvalidKeyError("recipe.warmup_epochs", f"must not be negative, got {recipe.warmup_epochs}")
+    if not 0 <= recipe.label_smoothing < 1:
+        raise _InvalidKeyError("recipe.label_smoothing", f"must be in [0, 1), got {recipe.label_smoothing}")
+    if recipe.grad_clip is not None and recipe.grad_clip <= 0:
+        raise _InvalidKeyError("recipe.grad_clip", f"must be positive or null, got {recipe.grad_clip}")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(recipe, name) < 0:
+            raise _InvalidKeyError(f"recipe.{name}", f"must not be negative, got {getattr(recipe, name)}")
+    if recipe.ema_decay is not None and not 0 < recipe.ema_decay < 1:
+        raise _InvalidKeyError("recipe.ema_decay", f"must be in (0, 1) or null, got {recipe.ema_decay}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def config_from_mapping(raw: Any, *, name: str, source: str) -> Config:
+    """Build and validate a :class:`Config` from a preset mapping.
+
+    Args:
+        raw: The parsed YAML document: ``description``, ``data``, ``model``, ``recipe``.
+        name: The preset's name (the file's stem).
+        source: Where ``raw`` came from, for error messages (a path, or ``--set KEY=VALUE``).
+
+    Raises:
+        ConfigError: naming ``source`` and the dotted key at fault.
+    """
+    try:
+        if not isinstance(raw, Mapping):
+            raise _InvalidKeyError(
+                "the top level", f"expected a mapping with data, model, recipe, got {raw!r}"
+            )
+        document = dict(raw)
+        document.setdefault("description", "")
+        if "name" in document:
+            raise _InvalidKeyError("name", "unknown key (a preset's name is its file name)")
+        cfg = _build(Config, {"name": name, **document}, "")
+        _validate(cfg)
+    except _InvalidKeyError as err:
+        raise ConfigError(f"{source}: {err.key}: {err.message}") from None
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into its dotted path and its YAML-parsed value."""
+    key, sep, value = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(path):
+        raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. model.heads=4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({err})") from None
+    return path, parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``section.key=value`` override set into it."""
+    document = _deep_copy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = document
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: i + 1])
+                raise ConfigError(f"--set {text}: {dotted} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return document
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain YAML-ready data (enums as their values, tuples as lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    document = plain(dataclasses.asdict(cfg))
+    document.pop("name")
+    return {"description": document.pop("description"), **document}
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as a YAML document that loads back to the same config."""
+    return f"# preset: {cfg.name}\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

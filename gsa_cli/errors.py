@@ -1,0 +1,19 @@
+"""The project's one error family.
+
+Library code raises these with a message a user can act on; ``cli.main`` turns them into one red line
+and an exit code (2 for usage and configuration errors, 1 for failures at run time).
+"""
+
+from __future__ import annotations
+
+
+class GsaError(Exception):
+    """A failure the user can act on; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(GsaError):
+    """A preset, override or option that cannot be accepted as given."""
+
+    exit_code = 2

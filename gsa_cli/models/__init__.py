@@ -1,0 +1,50 @@
+"""Models: the GSA module, the ResNet family, and ``build_model(config)``."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from gsa_cli.config import Config, ModelConfig, ModelKind
+from gsa_cli.models.gsa import GlobalSelfAttention2d
+from gsa_cli.models.resnet import ResNet, SpatialFactory, conv3x3
+
+__all__ = ["GlobalSelfAttention2d", "ResNet", "build_model", "spatial_factory"]
+
+
+def _gsa(model: ModelConfig, channels: int, stride: int, feature_size: int) -> nn.Module:
+    return GlobalSelfAttention2d(
+        channels,
+        channels,
+        heads=model.heads,
+        key_channels=round(channels * model.key_ratio),
+        span=model.span if model.span is not None else feature_size,
+        stride=stride,
+        content=model.content,
+        positional=model.positional,
+        query_softmax=model.query_softmax,
+    )
+
+
+def spatial_factory(model: ModelConfig, stage: int) -> SpatialFactory:
+    """The spatial operator of a 1-based stage: GSA in a GSA model's GSA stages, else a 3x3 conv."""
+    if model.kind is ModelKind.GSA and stage in model.gsa_stages:
+        return partial(_gsa, model)
+    return conv3x3
+
+
+def build_model(config: Config) -> ResNet:
+    """Build the network a resolved config describes (its ``model.kind`` picks the family)."""
+    model = config.model
+    blocks = model.stage_blocks
+    return ResNet(
+        blocks=blocks,
+        spatial=[spatial_factory(model, stage) for stage in range(1, len(blocks) + 1)],
+        width=model.width,
+        stem=model.stem.value,
+        in_channels=config.data.channels,
+        num_classes=config.data.num_classes,
+        img_size=config.data.img_size,
+        zero_init_residual=model.zero_init_residual,
+    )

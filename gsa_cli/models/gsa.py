@@ -1,0 +1,159 @@
+"""The global self-attention (GSA) module of Shen et al., "Global Self-Attention Networks".
+
+The module follows ``shared/spec/GSA.md`` section 1: a 1x1 projection to queries, keys and values, a
+content branch (linear attention with a softmax over positions on the keys) and a positional branch
+(relative-position attention along columns, batch norm, then along rows), summed; a 2x2 average pool
+follows when ``stride == 2``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def relative_index(size: int, span: int, *, device: torch.device) -> Tensor:
+    """Index into a zero-padded relative table for every (query, key) pair along one axis.
+
+    Entry ``[a, i]`` is ``i - a + span - 1`` (the table row of offset ``i - a``) when ``|i - a| < span``
+    and ``2 * span - 1`` (the zero row appended to the table) otherwise.
+
+    Returns:
+        A ``(size, size)`` long tensor.
+    """
+    positions = torch.arange(size, device=device)
+    offset = positions[None, :] - positions[:, None]  # (a, i): key position - query position
+    index = offset + span - 1
+    return torch.where(offset.abs() < span, index, torch.full_like(index, 2 * span - 1))
+
+
+class GlobalSelfAttention2d(nn.Module):
+    """Global self-attention over a 2-D feature map: content attention plus positional attention.
+
+    Args:
+        in_channels: Channels of the input map.
+        out_channels: Channels of the output map (``d_v``, the value channels).
+        heads: Attention heads; must divide ``key_channels`` and ``out_channels`` [ours: 8].
+        key_channels: Query and key channels ``d_k`` [ours: ``out_channels``].
+        span: Neighbourhood half-extent ``L`` of the positional branch; global when it is at least
+            the map's height and width. The relative tables have ``2 * span - 1`` rows.
+        stride: 1, or 2 for a 2x2 average pool after the sum [ours, the SASA convention].
+        content: Keep the content branch.
+        positional: Keep the positional branch.
+        query_softmax: Softmax the queries over their channels in the content branch (an ablation;
+            the paper has none).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        heads: int = 8,
+        key_channels: int | None = None,
+        span: int,
+        stride: int = 1,
+        content: bool = True,
+        positional: bool = True,
+        query_softmax: bool = False,
+    ) -> None:
+        super().__init__()
+        key_channels = out_channels if key_channels is None else key_channels
+        if key_channels % heads or out_channels % heads:
+            raise ValueError(
+                f"heads={heads} must divide key_channels={key_channels} and out_channels={out_channels}"
+            )
+        if span < 1:
+            raise ValueError(f"span must be at least 1, got {span}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if not (content or positional):
+            raise ValueError("at least one of content and positional must be on")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.heads = heads
+        self.key_channels = key_channels
+        self.span = span
+        self.stride = stride
+        self.content = content
+        self.positional = positional
+        self.query_softmax = query_softmax
+
+        # Channel order q, then k, then v (spec 1.4).
+        self.qkv = nn.Conv2d(in_channels, 2 * key_channels + out_channels, 1, bias=False)
+        if positional:
+            std = (key_channels // heads) ** -0.5
+            self.rel_col = nn.Parameter(torch.randn(2 * span - 1, key_channels) * std)
+            self.rel_row = nn.Parameter(torch.randn(2 * span - 1, key_channels) * std)
+            self.bn = nn.BatchNorm2d(out_channels)
+        self._index_cache: dict[tuple[int, torch.device], Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, heads={self.heads}, "
+            f"key_channels={self.key_channels}, span={self.span}, stride={self.stride}, "
+            f"content={self.content}, positional={self.positional}, "
+            f"query_softmax={self.query_softmax}"
+        )
+
+    def _index(self, size: int, device: torch.device) -> Tensor:
+        """The relative index for one axis length, built once per (size, device)."""
+        key = (size, device)
+        if key not in self._index_cache:
+            self._index_cache[key] = relative_index(size, self.span, device=device)
+        return self._index_cache[key]
+
+    def _absolute_table(self, table: Tensor, size: int) -> Tensor:
+        """Relative table ``(2L-1, d_k)`` laid out per (query, key) pair: ``(heads, size, size, d_k/h)``.
+
+        Pairs farther apart than the span get zeros. Its size does not depend on the batch.
+        """
+        padded = F.pad(table, (0, 0, 0, 1))  # (2L, d_k): row 2L-1 is the zero row
+        pairs = padded[self._index(size, table.device)]  # (size, size, d_k)
+        return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 1, 3)  # (h, a, i, d)
+
+    def _content(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Spec 1.1: softmax of k over positions, context = K_s v^T, content = context^T q."""
+        keys = k.flatten(3).softmax(dim=-1)  # (B, h, dk/h, N)
+        queries = q.flatten(3)  # (B, h, dk/h, N)
+        if self.query_softmax:
+            queries = queries.softmax(dim=2)
+        context = torch.einsum("Bhdn,Bhcn->Bhdc", keys, v.flatten(3))  # (B, h, dk/h, dv/h)
+        return torch.einsum("Bhdc,Bhdn->Bhcn", context, queries)  # (B, h, dv/h, N)
+
+    def _positional(self, q: Tensor, v: Tensor) -> Tensor:
+        """Spec 1.2: column pass, batch norm, row pass; no softmax, no scaling."""
+        heads, height, width = self.heads, v.shape[3], v.shape[4]
+        # Column pass: y(a,b) = sum_i (q(a,b) . rel_col[i-a]) v(i,b).
+        col = self._absolute_table(self.rel_col, height)  # (h, a, i, dk/h)
+        logits = torch.einsum("Bhdab,haid->Bhabi", q, col)  # (B, h, H, W, H)
+        y = torch.einsum("Bhabi,Bhcib->Bhcab", logits, v)  # (B, h, dv/h, H, W)
+        y = self.bn(y.flatten(1, 2)).unflatten(1, (heads, -1))  # BN over all C_out channels
+        # Row pass: p(a,b) = sum_j (q(a,b) . rel_row[j-b]) y(a,j).
+        row = self._absolute_table(self.rel_row, width)  # (h, b, j, dk/h)
+        logits = torch.einsum("Bhdab,hbjd->Bhabj", q, row)  # (B, h, H, W, W)
+        p = torch.einsum("Bhabj,Bhcaj->Bhcab", logits, y)  # (B, h, dv/h, H, W)
+        return p.flatten(3)  # (B, h, dv/h, N)
+
+    # Einsum letters: B batch, h head, d key channel, c value channel, n position, (a, b) the query
+    # pixel's row and column, i the key row of the column pass, j the key column of the row pass.
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        dk, dv = self.key_channels, self.out_channels
+        q, k, v = self.qkv(x).split((dk, dk, dv), dim=1)
+        q = q.unflatten(1, (self.heads, -1))  # (B, h, dk/h, H, W)
+        k = k.unflatten(1, (self.heads, -1))  # (B, h, dk/h, H, W)
+        v = v.unflatten(1, (self.heads, -1))  # (B, h, dv/h, H, W)
+
+        out = self._content(q, k, v) if self.content else None  # (B, h, dv/h, N)
+        if self.positional:
+            positional = self._positional(q, v)  # (B, h, dv/h, N)
+            out = positional if out is None else out + positional  # spec 1.3
+        assert out is not None  # at least one branch is on
+        out = out.reshape(batch, dv, height, width)  # heads concatenated, head-major
+        if self.stride == 2:
+            # ceil_mode keeps odd sizes in step with the strided 1x1 shortcut.
+            out = F.avg_pool2d(out, 2, ceil_mode=True)
+        return out

@@ -1,0 +1,138 @@
+"""Find, list and load presets: YAML files under ``presets/`` (or any path to such a file)."""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gsa_cli.config import Config, ModelKind, apply_overrides, config_from_mapping
+from gsa_cli.errors import ConfigError
+
+PRESET_SUFFIXES = (".yaml", ".yml")
+
+
+def preset_dir() -> Path:
+    """The folder of shipped presets: ``presets/`` in a source checkout, else inside the wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(importlib.resources.files("gsa_cli._presets")))
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets, sorted."""
+    return sorted(p.stem for p in preset_dir().iterdir() if p.suffix in PRESET_SUFFIXES)
+
+
+def resolve_preset_path(name_or_path: str | Path) -> Path:
+    """The file a preset name or path refers to.
+
+    Raises:
+        ConfigError: if it is neither a shipped preset nor an existing YAML file.
+    """
+    text = str(name_or_path)
+    looks_like_path = Path(text).suffix in PRESET_SUFFIXES or "/" in text or "\\" in text
+    if looks_like_path:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{text}: no such preset file (give a YAML file or a preset name)")
+        return path
+    for suffix in PRESET_SUFFIXES:
+        candidate = preset_dir() / f"{text}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"unknown preset {text!r}: choose one of {', '.join(preset_names())} or give a path to a YAML file"
+    )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the preset ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}: fix the syntax") from None
+
+
+def load_preset(
+    name_or_path: str | Path,
+    *,
+    model: str | ModelKind | None = "gsa",
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Load a preset by name or path and return the resolved, validated config.
+
+    Args:
+        name_or_path: A shipped preset's name (``"imagenet50"``) or a path to a YAML file.
+        model: The model kind, ``"gsa"`` or ``"conv"``; ``None`` keeps the file's ``model.kind``.
+        overrides: ``section.key=value`` strings applied after the file, e.g. ``"model.heads=4"``.
+
+    Raises:
+        ConfigError: naming the file (or the override) and the dotted key at fault.
+    """
+    path = resolve_preset_path(name_or_path)
+    raw = _read_yaml(path)
+    name = path.stem
+    config = config_from_mapping(raw, name=name, source=str(path))
+    if model is not None:
+        kinds = [kind.value for kind in ModelKind]
+        kind = model.value if isinstance(model, ModelKind) else model
+        if kind not in kinds:
+            raise ConfigError(f"unknown model kind {kind!r}: choose one of {', '.join(kinds)}")
+        raw = apply_overrides(raw, [f"model.kind={kind}"])
+        config = config_from_mapping(raw, name=name, source=str(path))
+    for text in overrides:
+        # Applied one at a time so that an error names the override that caused it.
+        raw = apply_overrides(raw, [text])
+        config = config_from_mapping(raw, name=name, source=f"--set {text}")
+    return config
+
+
+@dataclass(frozen=True)
+class PresetSummary:
+    name: str
+    description: str
+    dataset: str
+    img_size: int
+    conv_params: int
+    gsa_params: int
+
+
+def count_parameters(config: Config) -> int:
+    """Parameters of the model ``config`` builds, counted on the meta device (nothing allocated)."""
+    import torch
+
+    from gsa_cli.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def preset_summaries() -> list[PresetSummary]:
+    """One summary per shipped preset, with the parameter counts of its conv and GSA models."""
+    rows = []
+    for name in preset_names():
+        gsa = load_preset(name, model=ModelKind.GSA)
+        conv = load_preset(name, model=ModelKind.CONV)
+        rows.append(
+            PresetSummary(
+                name=name,
+                description=gsa.description,
+                dataset=gsa.data.dataset.value,
+                img_size=gsa.data.img_size,
+                conv_params=count_parameters(conv),
+                gsa_params=count_parameters(gsa),
+            )
+        )
+    return rows

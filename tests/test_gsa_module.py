@@ -1,0 +1,245 @@
+"""The GSA module against a naive per-pixel reference written from spec section 1, and its properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gsa_cli.models import GlobalSelfAttention2d
+
+
+def naive_gsa(module: GlobalSelfAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """Spec 1.1-1.3 pixel by pixel, with plain loops and no shared code with the module."""
+    batch, _, height, width = x.shape
+    heads, dk, dv, span = module.heads, module.key_channels, module.out_channels, module.span
+    dkh, dvh = dk // heads, dv // heads
+    weight = module.qkv.weight[:, :, 0, 0]
+    qkv = torch.einsum("oc,bchw->bohw", weight, x)
+    q, k, v = qkv[:, :dk], qkv[:, dk : 2 * dk], qkv[:, 2 * dk :]
+    out = torch.zeros(batch, dv, height, width, dtype=x.dtype)
+
+    if module.content:
+        for b in range(batch):
+            for head in range(heads):
+                kq = slice(head * dkh, (head + 1) * dkh)
+                vs = slice(head * dvh, (head + 1) * dvh)
+                keys = k[b, kq].reshape(dkh, -1)
+                keys = torch.exp(keys) / torch.exp(keys).sum(dim=1, keepdim=True)  # softmax over N
+                values = v[b, vs].reshape(dvh, -1)
+                context = torch.zeros(dkh, dvh, dtype=x.dtype)
+                for d in range(dkh):
+                    for e in range(dvh):
+                        context[d, e] = (keys[d] * values[e]).sum()
+                for row in range(height):
+                    for col in range(width):
+                        query = q[b, kq, row, col]
+                        if module.query_softmax:
+                            query = torch.exp(query) / torch.exp(query).sum()
+                        for e in range(dvh):
+                            out[b, head * dvh + e, row, col] += (context[:, e] * query).sum()
+
+    if module.positional:
+        y = torch.zeros(batch, dv, height, width, dtype=x.dtype)
+        for b in range(batch):
+            for head in range(heads):
+                kq = slice(head * dkh, (head + 1) * dkh)
+                vs = slice(head * dvh, (head + 1) * dvh)
+                for row in range(height):
+                    for col in range(width):
+                        for i in range(height):
+                            if abs(i - row) < span:
+                                rel = module.rel_col[i - row + span - 1, kq]
+                                y[b, vs, row, col] += (q[b, kq, row, col] * rel).sum() * v[b, vs, i, col]
+        bn = module.bn
+        if module.training:
+            mean = y.mean(dim=(0, 2, 3))
+            var = y.var(dim=(0, 2, 3), unbiased=False)
+        else:
+            assert bn.running_mean is not None and bn.running_var is not None
+            mean, var = bn.running_mean, bn.running_var
+        y = (y - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
+        y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
+        for b in range(batch):
+            for head in range(heads):
+                kq = slice(head * dkh, (head + 1) * dkh)
+                vs = slice(head * dvh, (head + 1) * dvh)
+                for row in range(height):
+                    for col in range(width):
+                        for j in range(width):
+                            if abs(j - col) < span:
+                                rel = module.rel_row[j - col + span - 1, kq]
+                                weight_j = (q[b, kq, row, col] * rel).sum()
+                                out[b, vs, row, col] += weight_j * y[b, vs, row, j]
+
+    if module.stride == 2:
+        pooled = torch.zeros(batch, dv, math.ceil(height / 2), math.ceil(width / 2), dtype=x.dtype)
+        for row in range(pooled.shape[2]):
+            for col in range(pooled.shape[3]):
+                window = out[:, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2]
+                pooled[:, :, row, col] = window.mean(dim=(2, 3))
+        out = pooled
+    return out
+
+
+def make_module(*, seed: int = 0, **kwargs: object) -> GlobalSelfAttention2d:
+    torch.manual_seed(seed)
+    options: dict[str, object] = {"heads": 2, "span": 9}
+    options.update(kwargs)
+    module = GlobalSelfAttention2d(4, 6, **options).double()  # type: ignore[arg-type]
+    if module.positional:
+        # Random BN state, so that the test sees whether BN is applied where the spec puts it.
+        with torch.no_grad():
+            module.bn.weight.uniform_(0.5, 1.5)
+            module.bn.bias.uniform_(-0.5, 0.5)
+            module.bn.running_mean.uniform_(-0.5, 0.5)
+            module.bn.running_var.uniform_(0.5, 2.0)
+    return module.eval()
+
+
+CASES = {
+    "both branches": {},
+    "content only": {"positional": False},
+    "positional only": {"content": False},
+    "three heads, key channels 9": {"heads": 3, "key_channels": 9},
+    "one head": {"heads": 1},
+    "span smaller than the map": {"span": 2},
+    "stride 2": {"stride": 2},
+    "stride 2, span 3": {"stride": 2, "span": 3},
+    "query softmax": {"query_softmax": True},
+}
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+def test_matches_naive_reference_on_odd_non_square_map(options: dict[str, object]) -> None:
+    module = make_module(**options)
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    expected = naive_gsa(module, x)
+    actual = module(x)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_matches_naive_reference_in_training_mode_with_batch_statistics() -> None:
+    module = make_module(span=3).train()
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64)
+    expected = naive_gsa(module, x)
+    torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_same_tables_serve_a_larger_input_than_the_span() -> None:
+    module = make_module(span=3)
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(module(x), naive_gsa(module, x), rtol=1e-10, atol=1e-10)
+
+
+def test_parameter_layout_follows_the_spec() -> None:
+    module = GlobalSelfAttention2d(16, 32, heads=4, key_channels=8, span=5)
+    shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    assert shapes == {
+        "qkv.weight": (2 * 8 + 32, 16, 1, 1),
+        "rel_col": (9, 8),
+        "rel_row": (9, 8),
+        "bn.weight": (32,),
+        "bn.bias": (32,),
+        "bn.running_mean": (32,),
+        "bn.running_var": (32,),
+        "bn.num_batches_tracked": (),
+    }
+    content_only = GlobalSelfAttention2d(16, 32, heads=4, span=5, positional=False)
+    assert set(content_only.state_dict()) == {"qkv.weight"}
+
+
+def test_key_channels_default_to_output_channels() -> None:
+    module = GlobalSelfAttention2d(8, 24, heads=8, span=4)
+    assert module.key_channels == 24
+    assert module.qkv.weight.shape == (72, 8, 1, 1)
+    assert module.rel_col.std().item() == pytest.approx((24 / 8) ** -0.5, rel=0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"heads": 5}, "must divide"),
+        ({"span": 0}, "span must be at least 1"),
+        ({"stride": 3}, "stride must be 1 or 2"),
+        ({"content": False, "positional": False}, "at least one"),
+    ],
+)
+def test_impossible_arguments_are_refused(kwargs: dict[str, object], message: str) -> None:
+    options: dict[str, object] = {"heads": 2, "span": 4}
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        GlobalSelfAttention2d(4, 6, **options)  # type: ignore[arg-type]
+
+
+def test_content_branch_is_permutation_equivariant() -> None:
+    module = make_module(positional=False)
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    perm = torch.randperm(35)
+    shuffled = x.flatten(2)[:, :, perm].reshape_as(x)
+    expected = module(x).flatten(2)[:, :, perm].reshape(2, 6, 5, 7)
+    torch.testing.assert_close(module(shuffled), expected)
+
+
+def test_positional_branch_is_not_permutation_equivariant() -> None:
+    module = make_module(content=False)
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    perm = torch.randperm(35)
+    shuffled = x.flatten(2)[:, :, perm].reshape_as(x)
+    expected = module(x).flatten(2)[:, :, perm].reshape(2, 6, 5, 7)
+    assert not torch.allclose(module(shuffled), expected)
+
+
+@pytest.mark.parametrize("branch", ["content", "positional", "both"])
+def test_one_module_is_global(branch: str) -> None:
+    options = {"content": {"positional": False}, "positional": {"content": False}, "both": {}}[branch]
+    module = make_module(span=9, **options)
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    module(x)[0, :, 0, 0].sum().backward()
+    assert x.grad is not None
+    assert x.grad[0, :, 8, 8].abs().sum() > 0  # opposite corner
+
+
+def test_span_limits_the_positional_branch() -> None:
+    module = make_module(content=False, span=2)
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    module(x)[0, :, 0, 0].sum().backward()
+    assert x.grad is not None
+    # Two hops of at most one pixel each: (0,0) sees rows and columns 0..1 only.
+    assert x.grad[0, :, 2:, :].abs().sum() == 0
+    assert x.grad[0, :, :, 2:].abs().sum() == 0
+    assert x.grad[0, :, 1, 1].abs().sum() > 0
+
+
+def test_every_parameter_receives_a_gradient() -> None:
+    module = make_module().train()
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    module(x).pow(2).sum().backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def _counted_macs(module: GlobalSelfAttention2d, size: int) -> int:
+    x = torch.randn(1, 8, size, size)
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops() // 2  # FlopCounterMode counts 2 FLOPs per multiply-add
+
+
+def test_content_cost_grows_linearly_with_positions() -> None:
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=16, positional=False).eval()
+    assert _counted_macs(module, 16) == 4 * _counted_macs(module, 8)
+
+
+def test_positional_cost_grows_as_positions_times_height_plus_width() -> None:
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=16, content=False).eval()
+    qkv_macs = {s: 3 * 8 * 8 * s * s for s in (8, 16)}
+    attention = {s: _counted_macs(module, s) - qkv_macs[s] for s in (8, 16)}
+    # N (H + W) doubles the side: 4 x 2 = 8 times the work.
+    assert attention[16] == 8 * attention[8]
+    # Per axis pass: logits N * size * d_k and aggregation N * size * d_v, two passes.
+    assert attention[8] == 2 * (64 * 8 * 8 + 64 * 8 * 8)
