@@ -58,7 +58,8 @@ def naive_gsa(module: GlobalSelfAttention2d, x: torch.Tensor) -> torch.Tensor:
             mean = y.mean(dim=(0, 2, 3))
             var = y.var(dim=(0, 2, 3), unbiased=False)
         else:
-            assert bn.running_mean is not None and bn.running_var is not None
+            assert bn.running_mean is not None
+            assert bn.running_var is not None
             mean, var = bn.running_mean, bn.running_var
         y = (y - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
         y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
