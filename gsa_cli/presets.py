@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,11 @@ PRESET_SUFFIXES = (".yaml", ".yml")
 
 def preset_dir() -> Path:
     """The folder of shipped presets: ``presets/`` in a source checkout, else inside the wheel."""
-    checkout = Path(__file__).resolve().parent.parent / "presets"
-    if checkout.is_dir():
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "presets"
+    if checkout.is_dir() and (package.parent / "pyproject.toml").is_file():
         return checkout
-    return Path(str(importlib.resources.files("gsa_cli._presets")))
+    return package / "_presets"
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,106 @@
+"""The ``gsa`` command line driven through typer's CliRunner, with its output read back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from gsa_cli import load_preset
+from gsa_cli.cli import app
+from gsa_cli.presets import count_parameters, preset_names
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "presets" in result.output
+
+
+def test_presets_lists_every_preset_with_both_parameter_counts() -> None:
+    result = runner.invoke(app, ["presets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in preset_names():
+        assert name in result.output
+    conv = count_parameters(load_preset("imagenet50", model="conv"))
+    gsa = count_parameters(load_preset("imagenet50", model="gsa"))
+    assert conv == 25_557_032
+    row = next(line for line in result.output.splitlines() if " imagenet50 " in line)
+    assert f"{conv:,}" in row
+    assert f"{gsa:,}" in row
+    assert "imagenet" in row
+
+
+def test_presets_show_prints_yaml_that_loads_back(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["presets", "show", "cifar26", "--model", "conv", "--set", "model.heads=4"])
+    assert result.exit_code == 0, result.output
+    saved = tmp_path / "cifar26.yaml"
+    saved.write_text(result.output)
+    document = yaml.safe_load(result.output)
+    assert document["model"]["kind"] == "conv"
+    assert document["model"]["heads"] == 4
+    expected = load_preset("cifar26", model="conv", overrides=["model.heads=4"])
+    assert load_preset(saved, model=None).model == expected.model
+
+
+def test_presets_show_accepts_a_path(tmp_path: Path) -> None:
+    path = tmp_path / "custom.yaml"
+    path.write_text((ROOT / "presets" / "smoke.yaml").read_text())
+    result = runner.invoke(app, ["presets", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "preset: custom" in result.output
+
+
+def test_a_bad_preset_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text((ROOT / "presets" / "smoke.yaml").read_text().replace("heads: 2", "heads: 3"))
+    result = runner.invoke(app, ["presets", "show", str(path)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: {path}: model.heads: 3 heads do not divide")
+
+
+def test_unknown_preset_and_bad_override_exit_2() -> None:
+    result = runner.invoke(app, ["presets", "show", "nope"])
+    assert result.exit_code == 2
+    assert "unknown preset 'nope'" in result.stderr
+    result = runner.invoke(app, ["presets", "show", "smoke", "--set", "model.span=0"])
+    assert result.exit_code == 2
+    assert "--set model.span=0: model.span: must be at least 1" in result.stderr
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = runner.invoke(app, ["--debug", "presets", "show", "nope"])
+    assert result.exit_code != 0
+    assert result.exception is not None
+    assert "unknown preset" in str(result.exception)
+
+
+def test_python_dash_m_runs_the_same_program() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "gsa_cli", "presets", "show", "smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["data"]["dataset"] == "synthetic"
+    result = subprocess.run(
+        [sys.executable, "-m", "gsa_cli", "presets", "show", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown preset 'nope'")

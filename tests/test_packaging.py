@@ -1,0 +1,67 @@
+"""The built wheel ships the presets, and an installed (non-editable) package finds them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (built,) = out.glob("gsa_cli-*.whl")
+    return built
+
+
+def test_wheel_contains_every_preset(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {p.name for p in (ROOT / "presets").glob("*.yaml")}
+    assert shipped
+    assert {f"gsa_cli/_presets/{name}" for name in shipped} <= names
+    assert "gsa_cli/models/gsa.py" in names
+
+
+def test_installed_wheel_loads_presets_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    # System site-packages provide the dependencies; the wheel's package in the venv comes first.
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    script = (
+        "import gsa_cli, gsa_cli.presets as p;"
+        "print(gsa_cli.__file__); print(p.preset_dir()); print(p.load_preset('imagenet50').data.img_size)"
+    )
+    result = subprocess.run(
+        [str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    module_file, presets, img_size = result.stdout.split()
+    assert str(env_dir) in module_file
+    assert presets.endswith("gsa_cli/_presets")
+    assert img_size == "224"
