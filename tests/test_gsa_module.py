@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gsa_cli.models import GlobalSelfAttention2d
+from gsa_cli.models.gsa import AxialRelativeAttention
 
 
 def naive_gsa(module: GlobalSelfAttention2d, x: torch.Tensor) -> torch.Tensor:
@@ -244,3 +245,78 @@ def test_positional_cost_grows_as_positions_times_height_plus_width() -> None:
     assert attention[16] == 8 * attention[8]
     # Per axis pass: logits N * size * d_k and aggregation N * size * d_v, two passes.
     assert attention[8] == 2 * (64 * 8 * 8 + 64 * 8 * 8)
+
+
+def test_axial_pass_gradients_pass_gradcheck() -> None:
+    torch.manual_seed(0)
+    heads, size, rows, dk, dv = 2, 5, 3, 3, 2
+    queries = torch.randn(heads, size, rows, dk, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(heads, rows, size, dv, dtype=torch.float64, requires_grad=True)
+    pairs = torch.randn(heads, size, dk, size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(AxialRelativeAttention.apply, (queries, values, pairs))
+
+
+@pytest.mark.parametrize("options", [{}, {"span": 2, "stride": 2}], ids=["global", "span 2, stride 2"])
+def test_module_gradients_match_the_naive_reference(options: dict[str, object]) -> None:
+    module = make_module(**options).train()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(module(x).shape, dtype=torch.float64)
+    expected = torch.autograd.grad((naive_gsa(module, x) * weights).sum(), [x, *module.parameters()])
+    actual = torch.autograd.grad((module(x) * weights).sum(), [x, *module.parameters()])
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_bf16_autocast_on_cpu_is_close_to_float32() -> None:
+    torch.manual_seed(0)
+    module = GlobalSelfAttention2d(16, 16, heads=4, span=8).eval()
+    x = torch.randn(2, 16, 8, 8)
+    reference = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = module(x)
+    assert low.dtype == torch.bfloat16
+    assert torch.isfinite(low).all()
+    scale = reference.abs().max()
+    assert (low.float() - reference).abs().max() < 0.05 * scale
+    module.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(x).float().pow(2).mean().backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+def test_channels_last_input_gives_the_same_output() -> None:
+    module = make_module()
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(module(x.to(memory_format=torch.channels_last)), module(x))
+
+
+def test_inference_mode_first_then_training() -> None:
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=6)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():
+        module.eval()(x)
+    module.train()(x).sum().backward()
+    assert module.rel_col.grad is not None
+
+
+def test_compiles_without_graph_breaks() -> None:
+    torch._dynamo.reset()
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=6).train()
+    x = torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, module(x))
+    assert module.rel_row.grad is not None
+
+
+@pytest.mark.slow
+def test_compiles_with_inductor() -> None:
+    torch._dynamo.reset()
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=6).eval()
+    x = torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5)

@@ -28,6 +28,61 @@ def relative_index(size: int, span: int, *, device: torch.device) -> Tensor:
     return torch.where(offset.abs() < span, index, torch.full_like(index, 2 * span - 1))
 
 
+class AxialRelativeAttention(torch.autograd.Function):
+    """One axial pass of the positional branch, with its logits recomputed in backward.
+
+    For each head and each query position ``a`` along the axis (spec 1.2, column pass with ``i`` the
+    key position)::
+
+        logits[m, a, i] = sum_d queries[a, m, d] * pairs[a, d, i]      (no softmax, no scaling)
+        out[m, a, c]    = sum_i logits[m, a, i] * values[m, i, c]
+
+    where ``m`` runs over the batch and the other axis. The logits are ``A`` times larger than the
+    activations; they are formed one head at a time (so they stay in cache) and never stored:
+    backward forms them again, which costs one small matrix product and saves most of the memory.
+
+    Shapes: ``queries (h, A, M, d)``, ``values (h, M, A, c)``, ``pairs (h, A, d, A)``; returns
+    ``(h, M, A, c)``. All matrix products are batched GEMMs on views; nothing of the logits' size
+    is copied.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, queries: Tensor, values: Tensor, pairs: Tensor
+    ) -> Tensor:
+        dtype = queries.dtype
+        values, pairs = values.to(dtype), pairs.to(dtype)
+        ctx.save_for_backward(queries, values, pairs)
+        heads = []
+        for head in range(queries.shape[0]):
+            logits = torch.bmm(queries[head], pairs[head])  # (A_a, M, A_i)
+            heads.append(torch.bmm(logits.transpose(0, 1), values[head]))  # (M, A_a, c)
+        return torch.stack(heads)  # (h, M, A, c)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        queries, values, pairs = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = grad.to(queries.dtype)
+        need_q, need_v, need_p = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_q, grad_v, grad_p = [], [], []
+        for head in range(queries.shape[0]):
+            g = grad[head]  # (M, A_a, c)
+            # d logits[m, a, i] = sum_c g[m, a, c] values[m, i, c]
+            grad_logits = torch.bmm(g, values[head].transpose(1, 2)).transpose(0, 1)  # (A_a, M, A_i)
+            if need_v:
+                logits = torch.bmm(queries[head], pairs[head])  # (A_a, M, A_i), recomputed
+                grad_v.append(torch.bmm(logits.permute(1, 2, 0), g))  # (M, A_i, c)
+            if need_q:
+                grad_q.append(torch.bmm(grad_logits, pairs[head].transpose(1, 2)))  # (A_a, M, d)
+            if need_p:
+                grad_p.append(torch.bmm(queries[head].transpose(1, 2), grad_logits))  # (A_a, d, A_i)
+        return (
+            torch.stack(grad_q) if need_q else None,
+            torch.stack(grad_v) if need_v else None,
+            torch.stack(grad_p) if need_p else None,
+        )
+
+
 class GlobalSelfAttention2d(nn.Module):
     """Global self-attention over a 2-D feature map: content attention plus positional attention.
 
@@ -101,43 +156,51 @@ class GlobalSelfAttention2d(nn.Module):
         """The relative index for one axis length, built once per (size, device)."""
         key = (size, device)
         if key not in self._index_cache:
-            self._index_cache[key] = relative_index(size, self.span, device=device)
+            # A normal tensor even when first built under inference_mode, so autograd may use it later.
+            with torch.inference_mode(False):
+                self._index_cache[key] = relative_index(size, self.span, device=device)
         return self._index_cache[key]
 
-    def _absolute_table(self, table: Tensor, size: int) -> Tensor:
-        """Relative table ``(2L-1, d_k)`` laid out per (query, key) pair: ``(heads, size, size, d_k/h)``.
+    def _pairs(self, table: Tensor, size: int) -> Tensor:
+        """Relative table ``(2L-1, d_k)`` laid out per (query, key) pair: ``(heads, a, d_k/h, i)``.
 
         Pairs farther apart than the span get zeros. Its size does not depend on the batch.
         """
         padded = F.pad(table, (0, 0, 0, 1))  # (2L, d_k): row 2L-1 is the zero row
-        pairs = padded[self._index(size, table.device)]  # (size, size, d_k)
-        return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 1, 3)  # (h, a, i, d)
+        pairs = padded[self._index(size, table.device)]  # (a, i, d_k)
+        return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 3, 1)  # (h, a, d_k/h, i)
 
     def _content(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Spec 1.1: softmax of k over positions, context = K_s v^T, content = context^T q."""
-        keys = k.flatten(3).softmax(dim=-1)  # (B, h, dk/h, N)
+        """Spec 1.1: softmax of k over positions, context = K_s v^T, content = context^T q.
+
+        Einsum letters: B batch, h head, d key channel, c value channel, n position.
+        """
+        # Softmaxes in at least float32 whatever the compute precision, then back to v's dtype.
+        wide = torch.promote_types(k.dtype, torch.float32)
+        keys = k.flatten(3).softmax(dim=-1, dtype=wide).to(v.dtype)  # (B, h, dk/h, N)
         queries = q.flatten(3)  # (B, h, dk/h, N)
         if self.query_softmax:
-            queries = queries.softmax(dim=2)
+            queries = queries.softmax(dim=2, dtype=wide).to(v.dtype)
         context = torch.einsum("Bhdn,Bhcn->Bhdc", keys, v.flatten(3))  # (B, h, dk/h, dv/h)
-        return torch.einsum("Bhdc,Bhdn->Bhcn", context, queries)  # (B, h, dv/h, N)
+        content = torch.einsum("Bhdc,Bhdn->Bhcn", context, queries)  # (B, h, dv/h, N)
+        return content.unflatten(-1, q.shape[-2:])  # (B, h, dv/h, H, W)
 
     def _positional(self, q: Tensor, v: Tensor) -> Tensor:
         """Spec 1.2: column pass, batch norm, row pass; no softmax, no scaling."""
-        heads, height, width = self.heads, v.shape[3], v.shape[4]
-        # Column pass: y(a,b) = sum_i (q(a,b) . rel_col[i-a]) v(i,b).
-        col = self._absolute_table(self.rel_col, height)  # (h, a, i, dk/h)
-        logits = torch.einsum("Bhdab,haid->Bhabi", q, col)  # (B, h, H, W, H)
-        y = torch.einsum("Bhabi,Bhcib->Bhcab", logits, v)  # (B, h, dv/h, H, W)
-        y = self.bn(y.flatten(1, 2)).unflatten(1, (heads, -1))  # BN over all C_out channels
-        # Row pass: p(a,b) = sum_j (q(a,b) . rel_row[j-b]) y(a,j).
-        row = self._absolute_table(self.rel_row, width)  # (h, b, j, dk/h)
-        logits = torch.einsum("Bhdab,hbjd->Bhabj", q, row)  # (B, h, H, W, W)
-        p = torch.einsum("Bhabj,Bhcaj->Bhcab", logits, y)  # (B, h, dv/h, H, W)
-        return p.flatten(3)  # (B, h, dv/h, N)
-
-    # Einsum letters: B batch, h head, d key channel, c value channel, n position, (a, b) the query
-    # pixel's row and column, i the key row of the column pass, j the key column of the row pass.
+        batch, heads, dvh, height, width = v.shape
+        dkh = q.shape[2]
+        # Column pass: y(a,b) = sum_i (q(a,b) . rel_col[i-a]) v(i,b); GEMM rows m = (B, b).
+        queries = q.permute(1, 3, 0, 4, 2).reshape(heads, height, batch * width, dkh)  # (h, a, B·b, d)
+        values = v.permute(1, 0, 4, 3, 2).reshape(heads, batch * width, height, dvh)  # (h, B·b, i, c)
+        y = AxialRelativeAttention.apply(queries, values, self._pairs(self.rel_col, height))
+        y = y.view(heads, batch, width, height, dvh).permute(1, 0, 4, 3, 2)  # (B, h, c, a, b)
+        y = self.bn(y.reshape(batch, heads * dvh, height, width))  # BN over all C_out channels
+        # Row pass: p(a,b) = sum_j (q(a,b) . rel_row[j-b]) y(a,j); GEMM rows m = (B, a).
+        queries = q.permute(1, 4, 0, 3, 2).reshape(heads, width, batch * height, dkh)  # (h, b, B·a, d)
+        values = y.view(batch, heads, dvh, height, width).permute(1, 0, 3, 4, 2)  # (h, B, a, j, c)
+        values = values.reshape(heads, batch * height, width, dvh)  # (h, B·a, j, c)
+        p = AxialRelativeAttention.apply(queries, values, self._pairs(self.rel_row, width))
+        return p.view(heads, batch, height, width, dvh).permute(1, 0, 4, 2, 3)  # (B, h, c, a, b)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
@@ -147,9 +210,9 @@ class GlobalSelfAttention2d(nn.Module):
         k = k.unflatten(1, (self.heads, -1))  # (B, h, dk/h, H, W)
         v = v.unflatten(1, (self.heads, -1))  # (B, h, dv/h, H, W)
 
-        out = self._content(q, k, v) if self.content else None  # (B, h, dv/h, N)
+        out = self._content(q, k, v) if self.content else None  # (B, h, dv/h, H, W)
         if self.positional:
-            positional = self._positional(q, v)  # (B, h, dv/h, N)
+            positional = self._positional(q, v)  # (B, h, dv/h, H, W)
             out = positional if out is None else out + positional  # spec 1.3
         assert out is not None  # at least one branch is on
         out = out.reshape(batch, dv, height, width)  # heads concatenated, head-major

@@ -1,0 +1,275 @@
+"""Time and memory of one GSA module at the shapes of GSA-ResNet-50's stages, against its rivals.
+
+For each stage shape (56x56x64, 28x28x128, 14x14x256, 7x7x512 at 224 px) and each implementation:
+
+- ``gsa``: ``gsa_cli.models.GlobalSelfAttention2d`` (the project's module);
+- ``einsum``: the obvious implementation of the same equations, written here: the relative tables laid
+  out per (query, key) pair by one gather, then one einsum for the logits and one for the sum, with
+  autograd storing the logits (the baseline of the speed targets);
+- ``onehot``: as the only public implementation does it: relative logits against all ``2L-1`` offsets,
+  moved to absolute positions by an einsum with a one-hot ``(S, S, 2L-1)`` tensor built on every call;
+- ``conv3x3``: the 3x3 convolution that GSA replaces;
+- ``dense``: global multi-head self-attention over all positions (``scaled_dot_product_attention``
+  with contiguous q, k, v, after the same 1x1 projection).
+
+Every implementation gets the same input (random normal, not zeros), the same channels and heads.
+Time: median and interquartile range over ``--iters`` timed iterations after ``--warmup``, device
+synchronised, of the forward pass (``torch.inference_mode``, eval) and of forward+backward (train
+mode, a sum of the outputs as the loss, input gradients included). Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` during forward+backward minus the memory held before; on CPU the
+rise of the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over its
+resident set before forward+backward, measured in a fresh process with glibc's mmap threshold fixed
+so that freed tensors leave the resident set.
+
+    python benchmarks/bench_gsa.py --batch 8 --out benchmarks/results/bench_gsa_cpu.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gsa_cli.models.gsa import GlobalSelfAttention2d, relative_index  # noqa: E402
+from gsa_cli.runtime import device_name, synchronize  # noqa: E402
+
+STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
+IMPLEMENTATIONS = ["gsa", "einsum", "onehot", "conv3x3", "dense"]
+
+
+class EinsumGSA(nn.Module):
+    """GSA straight from the equations with einsum; autograd keeps the logits for backward."""
+
+    def __init__(self, channels: int, heads: int, span: int, *, onehot: bool) -> None:
+        super().__init__()
+        self.reference = GlobalSelfAttention2d(channels, channels, heads=heads, span=span)
+        self.onehot = onehot
+
+    def _axial(self, q: Tensor, v: Tensor, table: Tensor) -> Tensor:
+        """One pass along the third axis of ``q (B, h, d, A, O)`` and ``v (B, h, c, A, O)``."""
+        module = self.reference
+        size, span = q.shape[3], module.span
+        per_head = table.unflatten(-1, (module.heads, -1))  # (2L-1, h, d)
+        index = relative_index(size, span, device=q.device)  # (a, i)
+        if self.onehot:
+            # Relative logits for every offset, then a per-call one-hot (S, S, 2L-1) re-indexing.
+            relative = torch.einsum("Bhdab,rhd->Bhabr", q, per_head)
+            onehot = F.one_hot(index, 2 * span).to(q.dtype)[..., : 2 * span - 1]  # (a, i, r)
+            logits = torch.einsum("Bhabr,air->Bhabi", relative, onehot)
+        else:
+            pairs = F.pad(per_head, (0, 0, 0, 0, 0, 1))[index]  # (a, i, h, d), zero beyond the span
+            logits = torch.einsum("Bhdab,aihd->Bhabi", q, pairs)
+        return torch.einsum("Bhabi,Bhcib->Bhcab", logits, v)
+
+    def forward(self, x: Tensor) -> Tensor:
+        module = self.reference
+        batch, _, height, width = x.shape
+        dk, dv = module.key_channels, module.out_channels
+        q, k, v = module.qkv(x).split((dk, dk, dv), dim=1)
+        q, k, v = (t.unflatten(1, (module.heads, -1)) for t in (q, k, v))  # (B, h, d, H, W)
+        keys = k.flatten(3).softmax(dim=-1)
+        context = torch.einsum("Bhdn,Bhcn->Bhdc", keys, v.flatten(3))
+        content = torch.einsum("Bhdc,Bhdn->Bhcn", context, q.flatten(3)).unflatten(-1, (height, width))
+        y = self._axial(q, v, module.rel_col)  # column pass
+        y = module.bn(y.reshape(batch, dv, height, width)).unflatten(1, (module.heads, -1))
+        positional = self._axial(q.transpose(-1, -2), y.transpose(-1, -2), module.rel_row).transpose(-1, -2)
+        return (content + positional).reshape(batch, dv, height, width)
+
+
+class DenseAttention(nn.Module):
+    """Global multi-head self-attention over all positions, through scaled_dot_product_attention."""
+
+    def __init__(self, channels: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        qkv = self.qkv(x).flatten(2).unflatten(1, (3, self.heads, -1))  # (B, 3, h, d, N)
+        q, k, v = (qkv[:, i].transpose(-1, -2).contiguous() for i in range(3))  # (B, h, N, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        return out.transpose(-1, -2).reshape(batch, channels, height, width)
+
+
+def build(name: str, channels: int, size: int, heads: int) -> nn.Module:
+    if name == "gsa":
+        return GlobalSelfAttention2d(channels, channels, heads=heads, span=size)
+    if name in ("einsum", "onehot"):
+        return EinsumGSA(channels, heads, size, onehot=name == "onehot")
+    if name == "conv3x3":
+        return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    if name == "dense":
+        return DenseAttention(channels, heads)
+    raise ValueError(name)
+
+
+def _timed(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: list[float]) -> tuple[float, float]:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> dict[str, object]:
+    """One (implementation, shape) measurement in this process."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    module = build(name, channels, size, args.heads).to(device)
+    x = torch.randn(args.batch, channels, size, size, device=device)
+    row: dict[str, object] = {"impl": name, "shape": f"{size}x{size}x{channels}", "batch": args.batch}
+
+    if args.memory:
+        module.train()
+        x.requires_grad_(True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            module(x).sum().backward()
+            synchronize(device)
+            row["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        else:
+            with open("/proc/self/clear_refs", "w", encoding="utf-8") as refs:
+                refs.write("5")  # reset the peak resident set to the current one
+            before = _status_kib("VmRSS")
+            module(x).sum().backward()
+            row["peak_mem_mib"] = (_status_kib("VmHWM") - before) / 1024
+        return row
+
+    module.eval()
+    with torch.inference_mode():
+        forward = _timed(lambda: module(x), device, args.warmup, args.iters)
+    module.train()
+    x.requires_grad_(True)
+
+    def train_step() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).sum().backward()
+
+    backward = _timed(train_step, device, args.warmup, args.iters)
+    row["fwd_ms"], row["fwd_iqr_ms"] = _summary(forward)
+    row["fwd_bwd_ms"], row["fwd_bwd_iqr_ms"] = _summary(backward)
+    return row
+
+
+def _in_child(name: str, size: int, channels: int, args: argparse.Namespace, memory: bool) -> dict[str, object]:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        f"{name},{size},{channels}",
+        "--batch",
+        str(args.batch),
+        "--heads",
+        str(args.heads),
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+        "--iters",
+        str(args.iters),
+    ]
+    env = dict(os.environ)
+    if memory:
+        command.append("--memory")
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors leave the resident set
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"impl": name, "shape": f"{size}x{size}x{channels}", "error": tail[0]}
+    parsed: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--impl", default=",".join(IMPLEMENTATIONS), help="comma list of implementations")
+    parser.add_argument("--stages", default="1,2,3,4", help="comma list of ResNet-50 stages (1-4)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV file for the results")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        name, size, channels = args.worker.split(",")
+        print(json.dumps(measure(name, int(size), int(channels), args)))
+        return
+
+    import pandas as pd
+
+    device = torch.device(args.device)
+    rows = []
+    for stage in (int(s) for s in args.stages.split(",")):
+        size, channels = STAGES[stage - 1]
+        for name in args.impl.split(","):
+            timing = _in_child(name, size, channels, args, memory=False)
+            memory = _in_child(name, size, channels, args, memory=True)
+            row = {**timing, **{k: v for k, v in memory.items() if k not in timing}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    table = pd.DataFrame(rows)
+    table["device"] = device_name(device)
+    table["torch"] = torch.__version__
+    table["precision"] = "fp32"
+    table["host"] = platform.node()
+    baseline = table[table["impl"] == "einsum"].set_index("shape")
+    for column in ("fwd_bwd_ms", "peak_mem_mib"):
+        if column in table and not baseline.empty:
+            table[f"{column}_vs_einsum"] = table[column] / table["shape"].map(baseline[column])
+    conv = table[table["impl"] == "conv3x3"].set_index("shape")
+    if "fwd_bwd_ms" in table and not conv.empty:
+        table["fwd_bwd_vs_conv3x3"] = table["fwd_bwd_ms"] / table["shape"].map(conv["fwd_bwd_ms"])
+    shown = [c for c in table.columns if c not in ("device", "torch", "precision", "host")]
+    print(f"\n{device_name(device)}, torch {torch.__version__}, fp32, batch {args.batch}, heads {args.heads}")
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    gsa = table[table["impl"] == "gsa"]
+    for column in ("fwd_bwd_ms_vs_einsum", "peak_mem_mib_vs_einsum"):
+        if column in gsa and gsa[column].notna().all() and len(gsa):
+            geomean = float(gsa[column].prod() ** (1 / len(gsa)))
+            print(f"gsa {column}: geometric mean over stages {geomean:.3f}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
