@@ -185,7 +185,9 @@ def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> di
     return row
 
 
-def _in_child(name: str, size: int, channels: int, args: argparse.Namespace, memory: bool) -> dict[str, object]:
+def _in_child(
+    name: str, size: int, channels: int, args: argparse.Namespace, memory: bool
+) -> dict[str, object]:
     command = [
         sys.executable,
         __file__,
@@ -215,7 +217,9 @@ def _in_child(name: str, size: int, channels: int, args: argparse.Namespace, mem
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--device", default="cpu")
