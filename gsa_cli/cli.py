@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,7 +17,10 @@ from rich.syntax import Syntax
 from rich.table import Table
 from typer.core import TyperGroup
 
-from gsa_cli.errors import GsaError
+from gsa_cli.errors import ConfigError, GsaError
+
+if TYPE_CHECKING:
+    from gsa_cli.results import RunSummary
 
 console = Console()
 error_console = Console(stderr=True)
@@ -56,6 +61,35 @@ ModelOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a preset value, e.g. --set model.heads=4 (repeatable)."),
+]
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", envvar="GSA_DATA", help="Data folder (ImageFolder or cifar-100-python); env GSA_DATA."
+    ),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Loader processes per rank [0 for in-memory data, else <= 8].")
+]
+
+
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class CorruptChoice(str, Enum):
+    fail = "fail"
+    skip = "skip"
+
+
+CorruptOpt = Annotated[
+    CorruptChoice,
+    typer.Option("--on-corrupt", help="An unreadable image file: fail naming it, or skip it with a warning."),
 ]
 
 
@@ -105,6 +139,150 @@ def presets_show(
         console.print(Syntax(text, "yaml", background_color="default"))
     else:
         sys.stdout.write(text)
+
+
+# Options of `gsa train` that only the launching process uses; workers do not see them.
+_LAUNCH_ONLY = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
+# Options that choose what to train, which a resumed run takes from its checkpoint instead.
+_RUN_DEFINING = ("preset", "model", "overrides", "epochs", "batch_size", "lr")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _worker_args(ctx: typer.Context, out: Path | None) -> list[str]:
+    """The `gsa train` arguments each worker gets: those given here, less the launch options."""
+    args = ["--debug"] if _state["debug"] else []
+    args.append("train")
+    for param in ctx.command.params:
+        name = param.name or ""
+        if name in _LAUNCH_ONLY or name == "out" or not _given(ctx, name):
+            continue
+        value = ctx.params[name]
+        flag = param.opts[0]
+        if isinstance(value, bool):
+            args.append(flag if value else param.secondary_opts[0])
+        elif isinstance(value, list | tuple):
+            for item in value:
+                args += [flag, str(item)]
+        elif value is not None:
+            args += [flag, value.value if isinstance(value, Enum) else str(value)]
+    return args if out is None else [*args, "--out", str(out)]
+
+
+def _render_summary(summary: RunSummary) -> None:
+    table = Table(title=f"{summary.preset} / {summary.model_kind}: {summary.run_dir}")
+    table.add_column("best top-1", justify="right")
+    table.add_column("best top-5", justify="right")
+    table.add_column("final top-1", justify="right")
+    table.add_column("epochs", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column("wall time", justify="right")
+    table.add_row(
+        f"{summary.best_top1:.2f}% (epoch {summary.best_epoch})" if summary.best_top1 is not None else "-",
+        f"{summary.best_top5:.2f}%" if summary.best_top5 is not None else "-",
+        f"{summary.final_top1:.2f}%" if summary.final_top1 is not None else "-",
+        str(summary.epochs_done),
+        f"{summary.parameters:,}",
+        f"{summary.wall_time_s:.1f} s",
+    )
+    console.print(table)
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="A preset name (see `gsa presets`) or a YAML file.")
+    ] = "digits",
+    model: ModelOpt = "gsa",
+    overrides: SetOpt = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Override recipe.epochs.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Override recipe.batch_size (per process).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Override recipe.lr.")] = None,
+    data: DataOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory [runs/<preset>-<model>-<timestamp>].")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this directory from its last.pt.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: Annotated[
+        PrecisionChoice, typer.Option("--precision", help="fp32, or bf16/fp16 autocast (fp16 with a scaler).")
+    ] = PrecisionChoice.fp32,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last", help="Channels-last memory layout.")
+    ] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    workers: WorkersOpt = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads for torch [one per core].")
+    ] = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes.")] = False,
+    on_corrupt: CorruptOpt = CorruptChoice.fail,
+    nproc: Annotated[
+        int, typer.Option("--nproc", help="Processes per node; above 1, launches DDP workers via torchrun.")
+    ] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes of a multi-node job.")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank (multi-node).")] = 0,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the nodes meet (multi-node).")
+    ] = None,
+) -> None:
+    """Train a preset's model and write a run directory (config, metrics, summary, checkpoints)."""
+    from gsa_cli.data import OnCorrupt
+    from gsa_cli.distributed import in_torchrun, is_main_process, launch
+    from gsa_cli.presets import load_preset
+    from gsa_cli.progress import PlainReporter, RichReporter
+    from gsa_cli.results import default_run_dir
+    from gsa_cli.runtime import Precision
+    from gsa_cli.training import TrainOptions, train
+
+    config = None
+    if resume is not None:
+        clashing = [name for name in _RUN_DEFINING if _given(ctx, name)]
+        if clashing or out is not None:
+            names = ", ".join("--" + n.replace("_", "-").replace("overrides", "set") for n in clashing)
+            raise ConfigError(
+                f"--resume continues a run as it was configured; drop {names or '--out'} "
+                "(start a new run to change them)"
+            )
+    else:
+        settings = list(overrides or ())
+        for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
+            if value is not None:
+                settings.append(f"recipe.{key}={value}")
+        config = load_preset(preset, model=model, overrides=settings)
+
+    if (nproc > 1 or nnodes > 1) and not in_torchrun():
+        # Every worker must write to the same run directory: choose it here, once.
+        target = None if config is None else out or default_run_dir(config.name, config.model.kind.value)
+        args = _worker_args(ctx, target)
+        launch(args, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        return
+
+    options = TrainOptions(
+        out=out,
+        resume=resume,
+        data=data,
+        device=device,
+        precision=Precision(precision.value),
+        channels_last=channels_last,
+        compile=compile_model,
+        workers=workers,
+        threads=threads,
+        sync_bn=sync_bn,
+        on_corrupt=OnCorrupt(on_corrupt.value),
+    )
+    reporter = RichReporter(console) if console.is_terminal else PlainReporter(console)
+    summary = train(config, options, reporter=reporter)
+    if is_main_process():
+        _render_summary(summary)
 
 
 def main() -> None:
