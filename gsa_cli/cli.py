@@ -285,6 +285,52 @@ def train_command(
         _render_summary(summary)
 
 
+@app.command("eval")
+def eval_command(
+    target: Annotated[Path, typer.Argument(help="A run directory (its best.pt) or a checkpoint file.")],
+    ema: Annotated[
+        bool, typer.Option("--ema/--no-ema", help="Use the EMA weights when the checkpoint has them.")
+    ] = True,
+    data: DataOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size [the run's].")] = None,
+    workers: WorkersOpt = None,
+    on_corrupt: CorruptOpt = CorruptChoice.fail,
+) -> None:
+    """Evaluate a checkpoint on its validation split: top-1, top-5, loss, images/s; writes eval.json."""
+    from gsa_cli.data import OnCorrupt
+    from gsa_cli.progress import PlainReporter, RichReporter
+    from gsa_cli.training import EvalOptions, evaluate_checkpoint
+
+    options = EvalOptions(
+        data=data,
+        device=device,
+        ema=ema,
+        batch_size=batch_size,
+        workers=workers,
+        on_corrupt=OnCorrupt(on_corrupt.value),
+    )
+    reporter = RichReporter(console) if console.is_terminal else PlainReporter(console)
+    _render_eval(evaluate_checkpoint(target, options, reporter=reporter))
+
+
+def _render_eval(report: EvalReport) -> None:
+    table = Table(title=f"{report.checkpoint} (epoch {report.epoch}, {report.weights} weights)")
+    for column in ("top-1", "top-5", "loss", "images", "images/s", "recorded top-1"):
+        table.add_column(column, justify="right")
+    recorded = "-" if report.recorded_top1 is None else f"{report.recorded_top1:.2f}%"
+    table.add_row(
+        f"{report.top1:.2f}%",
+        f"{report.top5:.2f}%",
+        f"{report.loss:.4f}",
+        f"{report.images:,}",
+        f"{report.images_per_s:,.0f}",
+        recorded,
+    )
+    console.print(table)
+    console.print(f"{report.device}, {report.precision}, batch {report.batch_size}", highlight=False)
+
+
 def main() -> None:
     """Entry point of the ``gsa`` console script."""
     app()
