@@ -110,9 +110,11 @@ def test_one_epoch_on_an_image_folder_through_the_cli(tmp_path: Path) -> None:
     assert summary["final_top1"] == float(rows[0]["val_top1"])
     assert summary["parameters"] > 0
     assert "gmacs" not in summary  # wired to the profile module at merge
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt"}
+    files = {p.name for p in out.iterdir()}
+    assert files == {"config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt"}
     # The saved config loads back to the same config (under the file's own name).
-    expected = load_preset("smoke", overrides=["data.dataset=imagenet", "data.num_classes=3", "recipe.batch_size=6"])
+    settings = ["data.dataset=imagenet", "data.num_classes=3", "recipe.batch_size=6"]
+    expected = load_preset("smoke", overrides=settings)
     assert load_preset(out / "config.yaml", model=None) == replace(expected, name="config")
 
 
@@ -218,7 +220,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
         return loss * float("nan") if calls["n"] > 4 + 2 + 1 else loss  # epoch 1: 4 train + 2 val
 
     monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
-    with pytest.raises(TrainingStoppedError, match=r"loss is no longer finite at epoch 2.*last good checkpoint"):
+    message = r"loss is no longer finite at epoch 2.*last good checkpoint"
+    with pytest.raises(TrainingStoppedError, match=message):
         train(smoke(2), cpu(tmp_path / "run"), reporter=Quiet())
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (payload["epoch"], payload["step"]) == (1, 4)
@@ -285,7 +288,8 @@ def _error(result: Any) -> str:
 
 
 def test_bad_preset_value_is_exit_2_naming_the_key(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["train", "--preset", "smoke", "--set", "model.heads=3", "--out", str(tmp_path)])
+    args = ["train", "--preset", "smoke", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--set", "model.heads=3"])
     assert result.exit_code == 2
     assert "--set model.heads=3: model.heads: 3 heads do not divide" in _error(result)
     result = CliRunner().invoke(app, ["train", "--preset", "smoke", "--lr", "-1", "--out", str(tmp_path)])
@@ -298,7 +302,7 @@ def test_bad_preset_value_is_exit_2_naming_the_key(tmp_path: Path) -> None:
 
 def test_bad_data_path_is_one_line_naming_the_layout(tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        app, ["train", "--preset", "cifar26", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]
+        app, ["train", "--preset", "cifar26", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]
     )
     assert result.exit_code == 1
     assert "no such folder (expected ROOT/cifar-100-python/{train,test,meta}" in _error(result)
