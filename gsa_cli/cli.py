@@ -175,17 +175,17 @@ def _worker_args(ctx: typer.Context, out: Path | None) -> list[str]:
 
 def _render_summary(summary: RunSummary) -> None:
     table = Table(title=f"{summary.preset} / {summary.model_kind}: {summary.run_dir}")
-    table.add_column("best top-1", justify="right")
-    table.add_column("best top-5", justify="right")
-    table.add_column("final top-1", justify="right")
-    table.add_column("epochs", justify="right")
-    table.add_column("parameters", justify="right")
-    table.add_column("wall time", justify="right")
+    for column in ("best top-1", "at epoch", "final top-1", "final top-5", "parameters", "wall time"):
+        table.add_column(column, justify="right")
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}%"
+
     table.add_row(
-        f"{summary.best_top1:.2f}% (epoch {summary.best_epoch})" if summary.best_top1 is not None else "-",
-        f"{summary.best_top5:.2f}%" if summary.best_top5 is not None else "-",
-        f"{summary.final_top1:.2f}%" if summary.final_top1 is not None else "-",
-        str(summary.epochs_done),
+        percent(summary.best_top1),
+        f"{summary.best_epoch}/{summary.epochs}",
+        percent(summary.final_top1),
+        percent(summary.final_top5),
         f"{summary.parameters:,}",
         f"{summary.wall_time_s:.1f} s",
     )

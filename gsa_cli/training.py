@@ -304,6 +304,8 @@ def _train(
     seed_everything(recipe.seed)
     model = build_model(config)
     parameters = sum(p.numel() for p in model.parameters())
+    if options.sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
     if options.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,9 @@ from typer.testing import CliRunner
 from gsa_cli import load_preset
 from gsa_cli.cli import app
 from gsa_cli.engine import TrainingStoppedError, load_checkpoint
+from gsa_cli.errors import ConfigError
 from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir
+from gsa_cli.runtime import Precision
 from gsa_cli.training import EvalOptions, TrainOptions, evaluate_checkpoint, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +130,39 @@ def test_one_epoch_on_a_cifar100_folder(tmp_path: Path) -> None:
     assert len(RunDir(tmp_path / "run").read_metrics()) == 1
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert payload["step"] == 40 // 16  # 40 training images, full batches of 16
+
+
+@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP16])
+def test_every_recipe_option_at_once_trains_and_evaluates(tmp_path: Path, precision: Precision) -> None:
+    config = smoke(
+        1,
+        "recipe.optimizer=adamw",
+        "recipe.lr=0.001",
+        "recipe.label_smoothing=0.1",
+        "recipe.mixup_alpha=0.2",
+        "recipe.cutmix_alpha=1.0",
+        "recipe.randaugment=true",
+        "recipe.grad_clip=1.0",
+        "recipe.ema_decay=0.99",
+    )
+    out = tmp_path / "run"
+    summary = train(config, cpu(out, precision=precision, channels_last=True), reporter=Quiet())
+    assert summary.status == "finished"
+    assert summary.precision == precision.value
+    assert summary.channels_last
+    row = RunDir(out).read_metrics()[0]
+    assert math.isfinite(row.train_loss)
+    payload = load_checkpoint(out / "last.pt")
+    assert payload["options"] == {"precision": precision.value, "channels_last": True}
+    assert bool(payload["scaler"]) == (precision is Precision.FP16)  # a gradient scaler for fp16 only
+    report = evaluate_checkpoint(out, EvalOptions(device="cpu"), reporter=Quiet())
+    assert report.precision == precision.value
+    assert report.top1 == row.val_top1 == report.recorded_top1
+
+
+def test_sync_bn_on_cpu_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--sync-bn needs CUDA devices"):
+        train(smoke(1), cpu(tmp_path / "run", sync_bn=True), reporter=Quiet())
 
 
 # ---------------------------------------------------------------------------------------------------
