@@ -8,6 +8,7 @@ relative-position tables get no weight decay); the loops themselves live in :mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import shutil
@@ -215,6 +216,7 @@ def _on_main(world: distributed.World, action: Any) -> None:
         raise GsaError(problem)
 
 
+@functools.cache
 def _versions() -> dict[str, str | None]:
     return {
         "torch_version": torch.__version__,
