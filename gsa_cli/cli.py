@@ -73,7 +73,10 @@ DataOpt = Annotated[
     ),
 ]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", help="Loader processes per rank [0 for in-memory data, else <= 8].")
+    int | None,
+    typer.Option(
+        "--workers", help="Loader processes per rank (default: 0 for in-memory data, else up to 8)."
+    ),
 ]
 
 
@@ -207,7 +210,7 @@ def train_command(
     lr: Annotated[float | None, typer.Option("--lr", help="Override recipe.lr.")] = None,
     data: DataOpt = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Run directory [runs/<preset>-<model>-<timestamp>].")
+        Path | None, typer.Option("--out", help="Run directory (default: runs/PRESET-MODEL-TIMESTAMP).")
     ] = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this directory from its last.pt.")
@@ -222,7 +225,7 @@ def train_command(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     workers: WorkersOpt = None,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads for torch [one per core].")
+        int | None, typer.Option("--threads", help="CPU threads for torch (default: one per core).")
     ] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes.")] = False,
     on_corrupt: CorruptOpt = CorruptChoice.fail,
@@ -294,14 +297,16 @@ def eval_command(
     ] = True,
     data: DataOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size [the run's].")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Batch size (default: the run's).")
+    ] = None,
     workers: WorkersOpt = None,
     on_corrupt: CorruptOpt = CorruptChoice.fail,
 ) -> None:
     """Evaluate a checkpoint on its validation split: top-1, top-5, loss, images/s; writes eval.json."""
     from gsa_cli.data import OnCorrupt
+    from gsa_cli.evaluation import EvalOptions, evaluate_checkpoint
     from gsa_cli.progress import PlainReporter, RichReporter
-    from gsa_cli.training import EvalOptions, evaluate_checkpoint
 
     options = EvalOptions(
         data=data,

@@ -23,9 +23,10 @@ from gsa_cli import load_preset
 from gsa_cli.cli import app
 from gsa_cli.engine import TrainingStoppedError, load_checkpoint
 from gsa_cli.errors import ConfigError
+from gsa_cli.evaluation import EvalOptions, evaluate_checkpoint
 from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir
 from gsa_cli.runtime import Precision
-from gsa_cli.training import EvalOptions, TrainOptions, evaluate_checkpoint, train
+from gsa_cli.training import TrainOptions, train
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING = ("images_per_s", "epoch_time_s")
