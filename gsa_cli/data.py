@@ -1,0 +1,413 @@
+"""Datasets, transforms, samplers and loaders for the four data sets a preset can name.
+
+- ``imagenet``: the ImageFolder layout ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (``ROOT`` may
+  also hold it under ``imagenet/``); RandomResizedCrop and flip to train, resize and centre crop to
+  evaluate.
+- ``cifar100``: the ``cifar-100-python`` folder (``train``, ``test``, ``meta``) read by torchvision's
+  ``CIFAR100`` without downloading; 4-pixel padded crop and flip.
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits, split once into train and test
+  (stratified, 20% test, a fixed seed), scaled to the preset's image size; padded crop, no flip.
+- ``synthetic``: deterministic random images around one random prototype per class (learnable, so a
+  smoke run's loss falls), for tests.
+
+Every image goes through the same tail: a uint8 image tensor, optional RandAugment (training), float in
+[0, 1], normalised. An unreadable image is reported by its path: the loaders' collate function marks
+it, and :func:`check_batch` (in the main process) either fails with its path or skips it and counts.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.transforms import v2
+
+from gsa_cli.config import Config, DataConfig
+from gsa_cli.config import Dataset as DatasetKind
+from gsa_cli.errors import ConfigError, GsaError
+
+# Per-channel mean and std of each data set's training images, in [0, 1].
+NORMALIZATION: dict[DatasetKind, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    DatasetKind.IMAGENET: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    DatasetKind.CIFAR100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    DatasetKind.DIGITS: ((0.305,), (0.376,)),
+    DatasetKind.SYNTHETIC: ((0.5,), (0.25,)),
+}
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+SYNTHETIC_SEED = 1234
+EVAL_CROP_RATIO = 0.875  # ImageNet: resize to img_size / 0.875, then centre-crop img_size
+
+IMAGENET_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder)"
+CIFAR_LAYOUT = "ROOT/cifar-100-python/{train,test,meta} (the extracted cifar-100-python.tar.gz)"
+
+
+class OnCorrupt(str, Enum):
+    """What to do with an image file that cannot be read."""
+
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+class DataError(GsaError):
+    """A data set that is missing, malformed, or holds an unreadable file."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unreadable samples, carried through the loader to the main process.
+
+
+@dataclass(frozen=True)
+class BadSample:
+    path: str
+    reason: str
+
+
+class CheckedDataset(Dataset[Any]):
+    """Wraps a data set so that a sample that cannot be loaded becomes a :class:`BadSample`."""
+
+    def __init__(self, dataset: Dataset[Any], describe: Callable[[int], str]) -> None:
+        self.dataset = dataset
+        self.describe = describe
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad files
+            return BadSample(self.describe(index), f"{type(err).__name__}: {err}")
+
+
+@dataclass
+class Batch:
+    images: Tensor
+    labels: Tensor
+    bad: list[BadSample]
+
+
+def collate_checked(samples: Sequence[Any]) -> Batch:
+    """Stack the good samples; keep the bad ones aside (by path) for :func:`check_batch`."""
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
+    images = torch.stack([torch.as_tensor(image) for image, _ in good])
+    labels = torch.tensor([int(label) for _, label in good], dtype=torch.long)
+    return Batch(images, labels, bad)
+
+
+class CorruptFiles:
+    """Applies the ``--on-corrupt`` policy to each batch and counts what was skipped."""
+
+    def __init__(self, policy: OnCorrupt, warn: Callable[[str], None]) -> None:
+        self.policy = policy
+        self.warn = warn
+        self.skipped: set[str] = set()
+
+    def check(self, batch: Batch) -> bool:
+        """Return whether the batch has images to use.
+
+        Raises:
+            DataError: naming the first unreadable file, under the ``fail`` policy.
+        """
+        for sample in batch.bad:
+            if self.policy is OnCorrupt.FAIL:
+                raise DataError(
+                    f"{sample.path}: cannot read the image ({sample.reason}); remove or replace the "
+                    "file, or pass --on-corrupt skip to skip unreadable files"
+                )
+            if sample.path not in self.skipped:
+                self.skipped.add(sample.path)
+                self.warn(f"skipping unreadable image {sample.path} ({sample.reason})")
+        return batch.images.numel() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transforms.
+
+
+def _normalize(kind: DatasetKind) -> list[Any]:
+    mean, std = NORMALIZATION[kind]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def train_transform(data: DataConfig, *, randaugment: bool) -> v2.Compose:
+    """Augmentation for training images of ``data.img_size``."""
+    size = data.img_size
+    steps: list[Any] = [v2.ToImage()]
+    if data.dataset is DatasetKind.IMAGENET:
+        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    elif data.dataset is DatasetKind.CIFAR100:
+        steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
+    elif data.dataset is DatasetKind.DIGITS:
+        steps += [v2.RandomCrop(size, padding=max(1, size // 8))]  # no flip: digits are not symmetric
+    if randaugment:
+        steps.append(v2.RandAugment())
+    return v2.Compose(steps + _normalize(data.dataset))
+
+
+def eval_transform(data: DataConfig) -> v2.Compose:
+    """The deterministic transform for validation images."""
+    steps: list[Any] = [v2.ToImage()]
+    if data.dataset is DatasetKind.IMAGENET:
+        resize = math.floor(data.img_size / EVAL_CROP_RATIO)
+        steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(data.img_size)]
+    elif data.dataset is DatasetKind.CIFAR100 and data.img_size != 32:
+        steps += [v2.Resize(data.img_size, antialias=True)]
+    return v2.Compose(steps + _normalize(data.dataset))
+
+
+class TensorImages(Dataset[tuple[Any, int]]):
+    """Images held as one uint8 tensor ``(N, C, H, W)`` with integer labels."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Any], Any]) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data sets.
+
+
+def _digits(data: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's digits, resized to ``img_size``, as uint8 (train images, labels, test...)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    if data.img_size != 8:
+        images = torch.nn.functional.interpolate(
+            images, size=(data.img_size, data.img_size), mode="bilinear", align_corners=False
+        )
+    images = images.clamp(0, 1).mul(255).round().to(torch.uint8)
+    labels = torch.from_numpy(digits.target).long()
+    train_idx, test_idx = train_test_split(
+        list(range(len(labels))),
+        test_size=DIGITS_TEST_FRACTION,
+        random_state=DIGITS_SPLIT_SEED,
+        stratify=digits.target,
+    )
+    train_index, test_index = torch.tensor(train_idx), torch.tensor(test_idx)
+    return images[train_index], labels[train_index], images[test_index], labels[test_index]
+
+
+def _synthetic(data: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One random prototype per class plus noise, as uint8; the same for every call."""
+    assert data.train_samples is not None  # validated
+    assert data.val_samples is not None
+    generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    shape = (data.channels, data.img_size, data.img_size)
+    prototypes = torch.rand((data.num_classes, *shape), generator=generator)
+
+    def draw(count: int) -> tuple[Tensor, Tensor]:
+        labels = torch.randint(data.num_classes, (count,), generator=generator)
+        noise = torch.randn((count, *shape), generator=generator) * 0.25
+        images = (prototypes[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return images, labels
+
+    train_images, train_labels = draw(data.train_samples)
+    val_images, val_labels = draw(data.val_samples)
+    return train_images, train_labels, val_images, val_labels
+
+
+def _imagenet_root(root: Path) -> Path:
+    for candidate in (root, root / "imagenet"):
+        if (candidate / "train").is_dir() and (candidate / "val").is_dir():
+            return candidate
+    raise DataError(f"{root}: no ImageNet data here; expected {IMAGENET_LAYOUT}, ROOT being this folder")
+
+
+def _image_folder(root: Path, split: str, data: DataConfig, transform: Callable[[Any], Any]) -> Dataset[Any]:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    def load(path: str) -> Any:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")  # decodes fully: a truncated file fails here, inside the check
+
+    folder = root / split
+    try:
+        dataset = ImageFolder(str(folder), transform=transform, loader=load)
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"{folder}: {err}; expected {IMAGENET_LAYOUT}") from None
+    if len(dataset.classes) != data.num_classes:
+        raise ConfigError(
+            f"{folder}: {len(dataset.classes)} class folders, but the preset says "
+            f"data.num_classes={data.num_classes}; fix the data or pass "
+            f"--set data.num_classes={len(dataset.classes)}"
+        )
+    samples = dataset.samples
+    return CheckedDataset(dataset, lambda index: samples[index][0])
+
+
+def _cifar_root(root: Path) -> Path:
+    for candidate in (root, root.parent):
+        if (candidate / "cifar-100-python").is_dir():
+            return candidate
+    raise DataError(f"{root}: no cifar-100-python folder here; expected {CIFAR_LAYOUT}")
+
+
+def _cifar100(root: Path, train: bool, transform: Callable[[Any], Any]) -> Dataset[Any]:
+    from torchvision.datasets import CIFAR100
+
+    class LocalCIFAR100(CIFAR100):  # type: ignore[misc]
+        # torchvision checks each file's MD5 against the official archive; we check that the files
+        # exist, so that a re-packed copy or a subset loads too. Files are pickles, as torchvision reads
+        # them: only load a cifar-100-python folder you trust.
+        train_list: ClassVar[list[list[str | None]]] = [["train", None]]
+        test_list: ClassVar[list[list[str | None]]] = [["test", None]]
+        meta: ClassVar[dict[str, str | None]] = {"filename": "meta", "key": "fine_label_names", "md5": None}
+
+    base = _cifar_root(root)
+    folder = base / "cifar-100-python"
+    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)}; expected {CIFAR_LAYOUT}")
+    try:
+        dataset = LocalCIFAR100(str(base), train=train, transform=transform, download=False)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, RuntimeError) as err:
+        split = "train" if train else "test"
+        raise DataError(
+            f"{folder / split}: not a CIFAR-100 python pickle ({type(err).__name__}: {err}); "
+            f"expected {CIFAR_LAYOUT}"
+        ) from None
+    if len(dataset.classes) != 100:
+        raise DataError(f"{folder / 'meta'}: lists {len(dataset.classes)} fine labels, CIFAR-100 has 100")
+    return CheckedDataset(dataset, lambda index: f"{folder / ('train' if train else 'test')}[{index}]")
+
+
+def data_root(path: str | Path | None, data: DataConfig) -> Path | None:
+    """The folder to read ``data`` from: ``path`` (from ``--data`` or ``GSA_DATA``), checked.
+
+    Raises:
+        DataError: if the data set needs a folder and none (or a missing one) was given.
+    """
+    if data.dataset in (DatasetKind.DIGITS, DatasetKind.SYNTHETIC):
+        return None
+    layout = IMAGENET_LAYOUT if data.dataset is DatasetKind.IMAGENET else CIFAR_LAYOUT
+    if path is None or str(path) == "":
+        raise DataError(
+            f"the {data.dataset.value} data set needs a folder: pass --data ROOT or set GSA_DATA "
+            f"(expected {layout})"
+        )
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data {path}: no such folder (expected {layout})")
+    return root
+
+
+def build_datasets(
+    config: Config, root: Path | None, *, augment: bool = True
+) -> tuple[Dataset[Any], Dataset[Any]]:
+    """The training and validation sets of ``config.data``.
+
+    Args:
+        config: The resolved config (its ``data`` section, and ``recipe.randaugment``).
+        root: The folder from :func:`data_root` (None for digits and synthetic).
+        augment: Apply the training augmentation to the training set (else the evaluation transform).
+
+    Raises:
+        DataError: for a missing or malformed data folder, naming the expected layout.
+        ConfigError: for a preset that does not fit the data (classes, channels).
+    """
+    data = config.data
+    train_tf = train_transform(data, randaugment=config.recipe.randaugment) if augment else None
+    eval_tf = eval_transform(data)
+    train_tf = train_tf or eval_tf
+    if data.dataset in (DatasetKind.IMAGENET, DatasetKind.CIFAR100) and data.channels != 3:
+        raise ConfigError(f"data.channels: {data.dataset.value} images have 3 channels, got {data.channels}")
+    if data.dataset is DatasetKind.DIGITS:
+        if data.channels != 1 or data.num_classes != 10:
+            raise ConfigError(
+                "data: digits are 1-channel images of 10 classes (channels: 1, num_classes: 10)"
+            )
+        train_x, train_y, test_x, test_y = _digits(data)
+        return TensorImages(train_x, train_y, train_tf), TensorImages(test_x, test_y, eval_tf)
+    if data.dataset is DatasetKind.SYNTHETIC:
+        train_x, train_y, val_x, val_y = _synthetic(data)
+        return TensorImages(train_x, train_y, train_tf), TensorImages(val_x, val_y, eval_tf)
+    assert root is not None, "data_root() gives a folder for file-based data sets"
+    if data.dataset is DatasetKind.IMAGENET:
+        base = _imagenet_root(root)
+        train = _image_folder(base, "train", data, train_tf)
+        return train, _image_folder(base, "val", data, eval_tf)
+    if data.num_classes != 100:
+        raise ConfigError(f"data.num_classes: CIFAR-100 has 100 classes, got {data.num_classes}")
+    return _cifar100(root, True, train_tf), _cifar100(root, False, eval_tf)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samplers and loaders.
+
+
+class TrainSampler(DistributedSampler[Any]):
+    """A DistributedSampler (also with one process) that can start part-way into an epoch.
+
+    The order of an epoch depends only on the seed and the epoch, so a run resumed after an
+    interruption sees the same samples as one that never stopped.
+    """
+
+    def __init__(self, dataset: Dataset[Any], *, rank: int, world_size: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank``, in order, without padding: a sharded evaluation
+    counts each sample exactly once."""
+
+    def __init__(self, size: int, *, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(
+    dataset: Dataset[Any],
+    sampler: Sampler[Any],
+    *,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    drop_last: bool,
+) -> DataLoader[Any]:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        collate_fn=collate_checked,
+        persistent_workers=False,
+    )

@@ -1,0 +1,421 @@
+"""The training and evaluation loops, the optimiser and schedule, EMA, and checkpoint files.
+
+Nothing here knows about GSA, presets or the command line: a :class:`Trainer` takes a module, a
+recipe and loaders of :class:`~gsa_cli.data.Batch`, and reports through a :class:`Reporter`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import signal
+import time
+import zipfile
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gsa_cli.config import Optimizer, RecipeConfig
+from gsa_cli.data import Batch
+from gsa_cli.distributed import all_reduce_sum, any_rank
+from gsa_cli.errors import GsaError
+from gsa_cli.results import atomic_path
+from gsa_cli.runtime import Precision, autocast, synchronize
+
+CHECKPOINT_FORMAT = "gsa-checkpoint/1"
+SYNC_EVERY = 10  # steps between reads of the running sums (a device sync) and stop checks
+
+
+class Reporter(Protocol):
+    """Where the loops report progress (a progress bar, log lines, or nothing)."""
+
+    def start(self, phase: str, epoch: int, total: int, done: int) -> None: ...
+
+    def update(self, done: int, stats: dict[str, float]) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+class TrainingStoppedError(GsaError):
+    """Training stopped before its last epoch: a signal, or a loss that is no longer finite."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimiser, schedule, EMA.
+
+
+def param_groups(
+    model: nn.Module, *, weight_decay: float, no_decay: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """Two groups: weights with decay, and without it the 1-D parameters (norm scales and shifts,
+    biases) plus the parameters named in ``no_decay``."""
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if param.ndim <= 1 or name in no_decay else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(groups: list[dict[str, Any]], recipe: RecipeConfig) -> torch.optim.Optimizer:
+    """SGD (with the recipe's momentum, Nesterov or not) or AdamW (decoupled decay), at ``recipe.lr``."""
+    if recipe.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of update ``step`` (0-based): linear from ``1/warmup`` to 1 over the
+    warm-up, then a cosine from 1 to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class ModelEma:
+    """An exponential moving average of a model's weights (buffers are copied, not averaged).
+
+    The decay ramps up as ``min(decay, (1 + step) / (10 + step))``, so that the average follows the
+    fast early changes of a short run instead of sitting on the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for average, current in zip(self.module.parameters(), model.parameters(), strict=True):
+            average.lerp_(current.detach(), 1.0 - decay)
+        for buffer, source in zip(self.module.buffers(), model.buffers(), strict=True):
+            buffer.copy_(source)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping on a signal.
+
+
+class StopSignal:
+    """While active, SIGINT and SIGTERM ask the loop to stop at the next step instead of killing it.
+
+    A second signal of the same kind is not caught again: it interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> StopSignal:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counting.
+
+
+@dataclass
+class Totals:
+    """Running sums of one pass over data (on this rank until :meth:`reduced`)."""
+
+    loss_sum: float = 0.0
+    top1: float = 0.0  # correct counts
+    top5: float = 0.0
+    count: float = 0.0
+    seconds: float = 0.0  # this session's share is added to what a resumed checkpoint carried
+
+    def add(self, sums: Tensor, seconds: float) -> None:
+        loss_sum, top1, top5, count = sums.tolist()
+        self.loss_sum += loss_sum
+        self.top1 += top1
+        self.top5 += top5
+        self.count += count
+        self.seconds += seconds
+
+    def reduced(self, device: torch.device) -> Totals:
+        sums = torch.tensor([self.loss_sum, self.top1, self.top5, self.count], dtype=torch.float64)
+        sums = all_reduce_sum(sums.to(device)).cpu()
+        total = Totals()
+        total.add(sums, self.seconds)
+        return total
+
+    def stats(self) -> dict[str, float]:
+        count = max(self.count, 1.0)
+        return {
+            "loss": self.loss_sum / count,
+            "top1": 100.0 * self.top1 / count,
+            "top5": 100.0 * self.top5 / count,
+            "images": self.count,
+            "seconds": self.seconds,
+        }
+
+
+def batch_sums(logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+    """``[loss * n, correct top-1, correct top-5, n]`` of a batch, as float64 on its device.
+
+    ``target`` holds class indices, or class probabilities (mixup), whose arg-max is the label.
+    """
+    labels = target.argmax(dim=1) if target.ndim == 2 else target
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices  # (B, k)
+    hits = top == labels[:, None]
+    n = torch.tensor(float(labels.shape[0]), device=logits.device, dtype=torch.float64)
+    return torch.stack(
+        [loss.detach().double() * n, hits[:, :1].sum().double(), hits.any(dim=1).sum().double(), n]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loops.
+
+
+@dataclass
+class EpochOutcome:
+    totals: Totals
+    batches_done: int
+    finished: bool  # False when a signal stopped it part-way
+    lr: float
+
+
+@dataclass
+class Trainer:
+    """One model's training state and the loops that advance it.
+
+    Args (fields):
+        model: The module whose weights are trained and saved (not wrapped).
+        forward: What the loop calls: ``model``, or a DDP or compiled wrapper of it.
+        optimizer / scheduler / scaler / ema: The recipe's state; the scheduler steps per update.
+        check: Applies the unreadable-file policy to a batch; returns whether it has images.
+        batch_transform: Mixup/CutMix on ``(images, labels)``, or None.
+    """
+
+    model: nn.Module
+    forward: nn.Module | Callable[[Tensor], Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    device: torch.device
+    precision: Precision
+    label_smoothing: float
+    grad_clip: float | None
+    channels_last: bool
+    check: Callable[[Batch], bool]
+    batch_transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    step: int = 0  # optimizer updates done
+    sync_every: int = SYNC_EVERY
+    stop: StopSignal = field(default_factory=StopSignal)
+
+    def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def _step(self, images: Tensor, labels: Tensor, sums: Tensor, bad_loss: Tensor) -> None:
+        """One update; adds the batch's counts to ``sums`` and a non-finite loss to ``bad_loss``."""
+        if self.batch_transform is not None:
+            images, labels = self.batch_transform(images, labels)
+        with autocast(self.device, self.precision):
+            logits = self.forward(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        sums += batch_sums(logits.detach(), labels, loss)
+        bad_loss |= ~torch.isfinite(loss.detach())
+
+    def train_epoch(
+        self,
+        loader: Any,
+        *,
+        epoch: int,
+        reporter: Reporter,
+        carried: Totals | None = None,
+        batches_done: int = 0,
+        distributed: bool = False,
+    ) -> EpochOutcome:
+        """Train one epoch (the rest of it, when resuming with ``batches_done`` and ``carried``).
+
+        Raises:
+            TrainingStoppedError: when the loss is no longer finite.
+        """
+        totals = carried or Totals()
+        total_batches = batches_done + len(loader)
+        pending = torch.zeros(4, dtype=torch.float64, device=self.device)
+        bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
+        reporter.start("train", epoch, total_batches, batches_done)
+        synchronize(self.device)
+        started = time.perf_counter()
+
+        def flush(done: int) -> None:
+            nonlocal started
+            synchronize(self.device)
+            now = time.perf_counter()
+            if bool(bad_loss):
+                raise TrainingStoppedError(
+                    f"the training loss is no longer finite at epoch {epoch}, step {self.step}: "
+                    "stopped, keeping the last good checkpoint; lower the learning rate, set "
+                    "recipe.grad_clip, or use bf16 instead of fp16"
+                )
+            totals.add(pending.cpu(), now - started)
+            started = now
+            pending.zero_()
+            stats = totals.stats()
+            stats["lr"] = self.optimizer.param_groups[0]["lr"]
+            stats["images_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
+            reporter.update(done, stats)
+
+        done = batches_done
+        finished = True
+        self.model.train()
+        for batch in loader:
+            done += 1  # counted even when skipped, so that every rank stops at the same step
+            if self.check(batch):
+                images, labels = self._to_device(batch.images, batch.labels)
+                self._step(images, labels, pending, bad_loss)
+            if done % self.sync_every == 0 and done < total_batches:
+                flush(done)
+                if any_rank(self.stop.signum is not None, self.device):
+                    finished = False
+                    break
+        else:
+            flush(done)
+        reporter.finish()
+        lr = self.optimizer.param_groups[0]["lr"]
+        return EpochOutcome(totals, done, finished, lr)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, *, epoch: int, reporter: Reporter) -> Totals:
+        """Loss (plain cross-entropy), top-1 and top-5 of ``model`` over ``loader``, summed on all
+        ranks."""
+        return evaluate(
+            model,
+            loader,
+            device=self.device,
+            precision=self.precision,
+            channels_last=self.channels_last,
+            check=self.check,
+            reporter=reporter,
+            epoch=epoch,
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    *,
+    device: torch.device,
+    precision: Precision,
+    channels_last: bool,
+    check: Callable[[Batch], bool],
+    reporter: Reporter,
+    epoch: int = 0,
+) -> Totals:
+    """Loss (plain cross-entropy), top-1 and top-5 counts of ``model`` over ``loader``, summed over
+    all ranks; ``seconds`` is this rank's time (the device synchronised at both ends)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    reporter.start("val", epoch, len(loader), 0)
+    synchronize(device)
+    started = time.perf_counter()
+    done = 0
+    try:
+        for batch in loader:
+            done += 1
+            if not check(batch):
+                continue
+            images = batch.images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = batch.labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(images).float()
+            loss = F.cross_entropy(logits, labels)
+            sums += batch_sums(logits, labels, loss)
+            reporter.update(done, {})
+    finally:
+        model.train(was_training)
+    synchronize(device)
+    totals = Totals()
+    totals.add(all_reduce_sum(sums).cpu(), time.perf_counter() - started)
+    reporter.finish()
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint files.
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: to a temporary file beside ``path``, then renamed over it."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code.
+
+    Raises:
+        GsaError: for a missing file, one that carries Python objects (refused, not run), or one that
+            is truncated, corrupt or not a gsa checkpoint.
+    """
+    if not path.is_file():
+        raise GsaError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():  # a class or function to import and call
+            raise GsaError(
+                f"{path}: refused: the file carries Python objects or code, and checkpoints are only "
+                "loaded as plain tensors and data (weights_only); do not load files you do not trust"
+            ) from None
+        raise GsaError(f"{path}: not a readable checkpoint (corrupt or not a torch file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GsaError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise GsaError(f"{path}: not a gsa checkpoint (expected one written by gsa train)")
+    return payload
