@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from gsa_cli.errors import ConfigError
+from gsa_cli.longrange import GLYPH_SIZE, MAX_SHAPES
 
 # Blocks per stage for each named depth [ours, SASA's].
 DEPTHS: dict[int, tuple[int, ...]] = {
@@ -47,6 +48,7 @@ class Dataset(str, Enum):
     CIFAR100 = "cifar100"
     DIGITS = "digits"
     SYNTHETIC = "synthetic"
+    LONGRANGE = "longrange"  # two glyphs a set distance apart: same shape or not (gsa_cli.longrange)
 
 
 class Optimizer(str, Enum):
@@ -60,8 +62,11 @@ class DataConfig:
     img_size: int
     num_classes: int
     channels: int = 3
-    train_samples: int | None = None  # synthetic data only
-    val_samples: int | None = None  # synthetic data only
+    train_samples: int | None = None  # synthetic and longrange data only
+    val_samples: int | None = None  # synthetic and longrange data only
+    distance: tuple[int, ...] | None = None  # longrange only: [min, max] glyph distance in pixels
+    shapes: int | None = None  # longrange only: how many glyph shapes
+    noise: float | None = None  # longrange only: standard deviation of the background noise
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,35 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 # Values that are well-typed but impossible.
 
 
+def _validate_longrange(data: DataConfig) -> None:
+    options = {"distance": data.distance, "shapes": data.shapes, "noise": data.noise}
+    if data.dataset is not Dataset.LONGRANGE:
+        for name, value in options.items():
+            if value is not None:
+                raise _InvalidKeyError(
+                    f"data.{name}", "only the longrange data set takes it (set it to null)"
+                )
+        return
+    if data.distance is None or data.shapes is None or data.noise is None:
+        missing = next(name for name, value in options.items() if value is None)
+        raise _InvalidKeyError(f"data.{missing}", "the longrange data set needs it")
+    farthest = data.img_size - GLYPH_SIZE
+    if len(data.distance) != 2 or not GLYPH_SIZE <= data.distance[0] <= data.distance[1] <= farthest:
+        raise _InvalidKeyError(
+            "data.distance",
+            f"must be [min, max] with {GLYPH_SIZE} <= min <= max <= {farthest} (glyphs are {GLYPH_SIZE} px "
+            f"and must fit a {data.img_size} px image), got {list(data.distance)}",
+        )
+    if not 2 <= data.shapes <= MAX_SHAPES:
+        raise _InvalidKeyError("data.shapes", f"must be between 2 and {MAX_SHAPES}, got {data.shapes}")
+    if data.noise < 0:
+        raise _InvalidKeyError("data.noise", f"must not be negative, got {data.noise}")
+    if data.channels != 1 or data.num_classes != 2:
+        raise _InvalidKeyError(
+            "data", "longrange images have 1 channel and 2 classes (channels: 1, num_classes: 2)"
+        )
+
+
 def _validate(cfg: Config) -> None:
     data, model, recipe = cfg.data, cfg.model, cfg.recipe
     if data.img_size < 1:
@@ -223,10 +257,14 @@ def _validate(cfg: Config) -> None:
         raise _InvalidKeyError("data.num_classes", f"must be at least 2, got {data.num_classes}")
     if data.channels < 1:
         raise _InvalidKeyError("data.channels", f"must be at least 1, got {data.channels}")
+    generated = data.dataset in (Dataset.SYNTHETIC, Dataset.LONGRANGE)
     for name in ("train_samples", "val_samples"):
         count = getattr(data, name)
-        if data.dataset is Dataset.SYNTHETIC and (count is None or count < 1):
-            raise _InvalidKeyError(f"data.{name}", "synthetic data needs a sample count of at least 1")
+        if generated and (count is None or count < 1):
+            raise _InvalidKeyError(
+                f"data.{name}", f"{data.dataset.value} data needs a sample count of at least 1"
+            )
+    _validate_longrange(data)
 
     if model.layers is not None:
         if model.depth is not None:

@@ -9,6 +9,8 @@
   (stratified, 20% test, a fixed seed), scaled to the preset's image size; padded crop, no flip.
 - ``synthetic``: deterministic random images around one random prototype per class (learnable, so a
   smoke run's loss falls), for tests.
+- ``longrange``: two glyphs a set distance apart on noise, labelled same shape or not
+  (:mod:`gsa_cli.longrange`), generated in memory from fixed seeds; float images, no augmentation.
 
 Every image goes through the same tail: a uint8 image tensor, optional RandAugment (training), float in
 [0, 1], normalised. An unreadable image is reported by its path: the loaders' collate function marks
@@ -40,10 +42,12 @@ NORMALIZATION: dict[DatasetKind, tuple[tuple[float, ...], tuple[float, ...]]] = 
     DatasetKind.CIFAR100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     DatasetKind.DIGITS: ((0.305,), (0.376,)),
     DatasetKind.SYNTHETIC: ((0.5,), (0.25,)),
+    DatasetKind.LONGRANGE: ((0.0,), (1.0,)),  # generated as floats around 0 already
 }
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 SYNTHETIC_SEED = 1234
+LONGRANGE_SEEDS = (0, 1000)  # training and validation sets
 EVAL_CROP_RATIO = 0.875  # ImageNet: resize to img_size / 0.875, then centre-crop img_size
 
 IMAGENET_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder)"
@@ -228,6 +232,29 @@ def _synthetic(data: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return train_images, train_labels, val_images, val_labels
 
 
+def _longrange(data: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The long-range glyph pairs, float images already centred (background noise around 0)."""
+    from gsa_cli.longrange import make_longrange
+
+    assert data.train_samples is not None  # validated
+    assert data.val_samples is not None
+    assert data.distance is not None
+    assert data.shapes is not None
+    assert data.noise is not None
+    sets = []
+    for count, seed in zip((data.train_samples, data.val_samples), LONGRANGE_SEEDS, strict=True):
+        images, labels = make_longrange(
+            count,
+            img_size=data.img_size,
+            distance=(data.distance[0], data.distance[1]),
+            shapes=data.shapes,
+            noise=data.noise,
+            seed=seed,
+        )
+        sets += [torch.from_numpy(images), torch.from_numpy(labels)]
+    return sets[0], sets[1], sets[2], sets[3]
+
+
 def _imagenet_root(root: Path) -> Path:
     for candidate in (root, root / "imagenet"):
         if (candidate / "train").is_dir() and (candidate / "val").is_dir():
@@ -301,7 +328,7 @@ def data_root(path: str | Path | None, data: DataConfig) -> Path | None:
     Raises:
         DataError: if the data set needs a folder and none (or a missing one) was given.
     """
-    if data.dataset in (DatasetKind.DIGITS, DatasetKind.SYNTHETIC):
+    if data.dataset in (DatasetKind.DIGITS, DatasetKind.SYNTHETIC, DatasetKind.LONGRANGE):
         return None
     layout = IMAGENET_LAYOUT if data.dataset is DatasetKind.IMAGENET else CIFAR_LAYOUT
     if path is None or str(path) == "":
@@ -344,6 +371,9 @@ def build_datasets(
         return TensorImages(train_x, train_y, train_tf), TensorImages(test_x, test_y, eval_tf)
     if data.dataset is DatasetKind.SYNTHETIC:
         train_x, train_y, val_x, val_y = _synthetic(data)
+        return TensorImages(train_x, train_y, train_tf), TensorImages(val_x, val_y, eval_tf)
+    if data.dataset is DatasetKind.LONGRANGE:
+        train_x, train_y, val_x, val_y = _longrange(data)
         return TensorImages(train_x, train_y, train_tf), TensorImages(val_x, val_y, eval_tf)
     assert root is not None, "data_root() gives a folder for file-based data sets"
     if data.dataset is DatasetKind.IMAGENET:

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from gsa_cli.longrange import GLYPH_SIZE, draw_samples, glyph_bank, make_longrange, render
 
@@ -87,3 +88,45 @@ def test_glyphs_differ_from_each_other() -> None:
 def test_impossible_requests_are_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_longrange(4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_preset_builds_balanced_data_sets_of_its_size() -> None:
+    from gsa_cli import load_preset
+    from gsa_cli.data import build_datasets
+
+    config = load_preset("longrange", overrides=["data.train_samples=40", "data.val_samples=20"])
+    train, val = build_datasets(config, None)
+    assert (len(train), len(val)) == (40, 20)
+    image, _ = train[0]
+    assert tuple(image.shape) == (1, 32, 32)
+    labels = [val[i][1] for i in range(len(val))]
+    assert labels.count(1) == labels.count(0) == 10
+    # Training and validation images are drawn from different seeds.
+    assert not torch.equal(train[0][0], val[0][0])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.distance=[3, 10]", "data.distance: must be [min, max] with 5 <= min <= max <= 27"),
+        ("data.distance=[20, 10]", "data.distance: must be [min, max]"),
+        ("data.distance=[10]", "data.distance: must be [min, max]"),
+        ("data.shapes=9", "data.shapes: must be between 2 and 8"),
+        ("data.noise=-1", "data.noise: must not be negative"),
+        ("data.noise=null", "data.noise: the longrange data set needs it"),
+        ("data.num_classes=3", "data: longrange images have 1 channel and 2 classes"),
+    ],
+)
+def test_bad_longrange_settings_name_the_key(override: str, message: str) -> None:
+    from gsa_cli import ConfigError, load_preset
+
+    with pytest.raises(ConfigError) as caught:
+        load_preset("longrange", overrides=[override])
+    assert f"--set {override}: {message}" in str(caught.value)
+
+
+def test_longrange_options_are_refused_for_other_data_sets() -> None:
+    from gsa_cli import ConfigError, load_preset
+
+    with pytest.raises(ConfigError, match=r"data\.distance: only the longrange data set takes it"):
+        load_preset("smoke", overrides=["data.distance=[5, 9]"])
