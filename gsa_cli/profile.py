@@ -607,12 +607,14 @@ def summary_frame(frame: Any) -> tuple[Any, str]:
     Latency shows as ``median (IQR)``; columns empty in every row (a mode not timed, a peak not known)
     are dropped.
     """
+    import pandas as pd
+
     from gsa_cli.tables import caption, format_value, split_constant, view
 
     frame = frame.copy()
     for prefix in ("infer", "train"):
         frame[f"{prefix}_latency"] = [
-            None if ms != ms else f"{format_value(float(ms))} ({format_value(float(iqr))})"  # NaN != NaN
+            None if pd.isna(ms) else f"{format_value(float(ms))} ({format_value(float(iqr))})"
             for ms, iqr in zip(frame[f"{prefix}_ms"], frame[f"{prefix}_ms_iqr"], strict=True)
         ]
     frame = frame.dropna(axis="columns", how="all")
