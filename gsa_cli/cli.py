@@ -230,7 +230,8 @@ def profile_command(
         error_console.print(f"wrote {out}")
     if fmt is OutputFormat.TABLE:
         table = tables.rich_table(summary, title=f"gsa profile: {config.name}", caption=caption)
-        console.print(table, width=None if console.is_terminal else 240)  # pipes and logs get it whole
+        # A terminal wraps the table to its width; a pipe or a log file gets it whole.
+        (console if console.is_terminal else Console(width=250)).print(table)
     elif fmt is OutputFormat.MD:
         sys.stdout.write(tables.to_text(summary, fmt, caption=caption))
     else:

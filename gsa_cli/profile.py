@@ -129,6 +129,7 @@ class ProfileRow:
     gmacs: float  # per image, batch 1, eval mode
     gmacs_products: float  # of which products (conv, linear, matmul-like, attention)
     g_elementwise: float | None  # elementwise ops per image, not in gmacs (fvcore only)
+    gmacs_spatial: float  # of gmacs, in the blocks' spatial operators (conv 3x3, GSA or dense attention)
     infer_img_s: float | None = None
     infer_ms: float | None = None  # median latency per batch
     infer_ms_iqr: float | None = None  # interquartile range of the latency
@@ -409,6 +410,14 @@ def _module_params(model: nn.Module) -> dict[str, int]:
     return {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_modules()}
 
 
+SPATIAL_OPERATOR = re.compile(r"layer\d+\.\d+\.conv2")  # a bottleneck's middle layer (resnet.py)
+
+
+def spatial_macs(count: MacCount) -> int:
+    """MACs in the bottlenecks' spatial operators: what GSA, dense attention and the 3x3 conv differ in."""
+    return sum(macs for name, macs in count.by_module.items() if SPATIAL_OPERATOR.fullmatch(name))
+
+
 def _uncounted_text(count: MacCount) -> str:
     return ", ".join(f"{op.removeprefix('aten::')} x{n}" for op, n in sorted(count.uncounted.items()))
 
@@ -471,6 +480,7 @@ def profile(
                     gmacs=count.total / 1e9,
                     gmacs_products=count.products / 1e9,
                     g_elementwise=None if count.elementwise is None else count.elementwise / 1e9,
+                    gmacs_spatial=spatial_macs(count) / 1e9,
                     device=name,
                     precision=settings.precision.value,
                     layout="channels_last" if settings.channels_last else "nchw",
@@ -569,6 +579,7 @@ SUMMARY_HEADERS = {
     "gmacs": "GMACs",
     "gmacs_products": "of which products",
     "g_elementwise": "G elementwise",
+    "gmacs_spatial": "spatial-op GMACs",
     "infer_img_s": "infer img/s",
     "infer_latency": "infer ms (IQR)",
     "infer_peak_mib": "infer peak MiB",

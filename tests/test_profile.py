@@ -230,3 +230,11 @@ def test_profile_on_the_gpu_records_events_timing_memory_and_peak() -> None:
     assert row.precision == "bf16"
     if row.dense_peak_tflops is not None:
         assert row.infer_peak_pct is not None
+
+
+def test_spatial_macs_are_the_3x3_convolutions_of_a_conv_net() -> None:
+    model = build_model(load_preset("smoke", model="conv"))  # cifar stem, 16 px, widths 8..64, one block each
+    # Stage s: output side 16 / 2**(s-1) (stride 2 from stage 2), width 8 * 2**(s-1): side^2 * width^2 * 9.
+    expected = sum((16 >> s) ** 2 * (8 << s) ** 2 * 9 for s in range(4))
+    assert expected == 4 * 147_456
+    assert profiling.spatial_macs(count_macs(model, img_size=16)) == expected
