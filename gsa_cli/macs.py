@@ -299,9 +299,9 @@ def _split_totals(by_operator: dict[str, int]) -> tuple[int, int, int]:
 
 
 def _count_fvcore(model: nn.Module, x: torch.Tensor) -> MacCount:
-    from fvcore.nn import FlopCountAnalysis
-
     with _quiet():
+        from fvcore.nn import FlopCountAnalysis  # warns that torch.jit is deprecated: fvcore traces
+
         analysis = FlopCountAnalysis(model, x).set_op_handle(**FVCORE_HANDLES)
         analysis.set_op_handle(**dict.fromkeys(NO_ARITHMETIC))  # a None handle: counted as zero
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")

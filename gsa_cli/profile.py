@@ -13,28 +13,22 @@ were obtained (device, torch version, precision, layout, compile, counter). How 
   interquartile range, and images/s = batch / median latency. Inputs are random normal, never zeros.
   Each mode gets a freshly built model, so that one mode's state (weights, caches) cannot leak into
   the other's.
-* **Peak memory**: ``torch.cuda.max_memory_allocated`` on a GPU (reset before each mode); on the CPU the
-  process's peak resident set size during the mode (Linux ``VmHWM``, reset before it through
-  ``/proc/self/clear_refs``): it includes the interpreter, torch and the model, not only activations.
+* **Peak memory** of each mode (:func:`gsa_cli.measure.peak_memory`): ``torch.cuda.max_memory_allocated``
+  on a GPU; on the CPU the process's peak resident set size during the mode, which includes the
+  interpreter, torch and the model, not only activations.
 * **Achieved rate**: TFLOP/s = 2 FLOPs per counted MAC x MACs per image x images/s, times 3 for a
-  training step (backward taken as twice the forward); on GPUs of known dense peak (:data:`DENSE_PEAKS`)
-  also the percentage of that peak.
+  training step (backward taken as twice the forward); on GPUs of known dense peak
+  (:data:`gsa_cli.measure.DENSE_PEAKS`) also the percentage of that peak.
 * An out-of-memory error is recorded in its row (``status``) and the sweep goes on.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import gc
 import re
-import statistics
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,40 +39,9 @@ from gsa_cli.choices import MacCounter, Mode
 from gsa_cli.config import Config
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.macs import MacCount, count_macs
+from gsa_cli.measure import Timing, dense_peak, is_out_of_memory, memory_label, peak_memory, time_steps
 from gsa_cli.models import build_model
-from gsa_cli.runtime import Precision, autocast, device_name, resolve_device, seed_everything, synchronize
-
-# Dense (no structured sparsity) datasheet peaks in TFLOP/s: fp32 on CUDA cores; tf32, bf16 and fp16 on
-# tensor cores with fp32 accumulation. From NVIDIA's H100, H200, A100 and L4 datasheets and the Ada
-# architecture whitepaper (RTX 4090); the datasheets print the sparse figure, twice these. The first
-# pattern that matches the device name wins; None: a variant whose peak we do not tabulate.
-DENSE_PEAKS: list[tuple[str, dict[str, float] | None]] = [
-    (r"NVL", None),  # H100 NVL / H200 NVL: lower clocks than the SXM parts
-    (r"H100.*PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
-    (r"H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
-    (r"H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),  # SXM
-    (r"A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
-    (r"\bL4\b", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
-    (r"RTX 4090", {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2}),
-]
-
-
-def dense_peak(name: str, precision: Precision, *, tf32: bool) -> tuple[float, str] | None:
-    """The dense peak (TFLOP/s) of a device for a precision and its math mode, or ``None`` if unknown.
-
-    Args:
-        name: The device's name, e.g. ``"NVIDIA H100 80GB HBM3"``.
-        precision: The autocast precision; fp32 uses the tf32 peak when ``tf32`` is allowed.
-        tf32: Whether fp32 convolutions and matmuls may use tf32 tensor cores.
-    """
-    math_mode = precision.value
-    if precision is Precision.FP32 and tf32:
-        math_mode = "tf32"
-    for pattern, peaks in DENSE_PEAKS:
-        if re.search(pattern, name):
-            return None if peaks is None else (peaks[math_mode], math_mode)
-    return None
-
+from gsa_cli.runtime import Precision, autocast, device_name, resolve_device, seed_everything
 
 # Defaults that keep `gsa profile` under two minutes on a 2-core CPU (GSA-ResNet-50 at 224 px).
 CPU_DEFAULTS = {"batch": 4, "warmup": 2, "iters": 5}
@@ -167,118 +130,6 @@ class ProfileResult:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Timing and memory.
-
-
-@dataclass(frozen=True)
-class Timing:
-    latencies_s: list[float]
-    peak_mib: float
-
-    @property
-    def median_ms(self) -> float:
-        return 1e3 * statistics.median(self.latencies_s)
-
-    @property
-    def iqr_ms(self) -> float:
-        if len(self.latencies_s) < 2:
-            return 0.0
-        quartiles = statistics.quantiles(self.latencies_s, n=4, method="inclusive")
-        return 1e3 * (quartiles[2] - quartiles[0])
-
-
-def _read_status_kib(field_name: str) -> int | None:
-    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS to its current RSS (Linux 4.0+); False where not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
-    except OSError:
-        return False
-    return _read_status_kib("VmHWM") is not None
-
-
-def _release_cpu_memory() -> None:
-    """Free what can be freed, and hand glibc's free pages back, so that an earlier peak does not linger."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def memory_label(device: torch.device) -> str:
-    """What the peak memory columns measure on ``device``."""
-    if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated"
-    if _reset_peak_rss():
-        return "process peak RSS during the measurement (VmHWM)"
-    return "process peak RSS since start (ru_maxrss)"
-
-
-@contextlib.contextmanager
-def _peak_memory(device: torch.device) -> Iterator[list[float]]:
-    """Yield a list that holds, after the block, the block's peak memory in MiB (see :func:`memory_label`)."""
-    result: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _release_cpu_memory()
-        _reset_peak_rss()
-    yield result
-    if device.type == "cuda":
-        result.append(torch.cuda.max_memory_allocated(device) / 2**20)
-    else:
-        peak_kib = _read_status_kib("VmHWM")
-        if peak_kib is None:
-            import resource
-
-            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            peak_kib = maxrss // 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS
-        result.append(peak_kib / 1024)
-
-
-def time_steps(step: Callable[[], object], *, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Run ``step`` ``warmup`` times, then time ``iters`` runs; return each run's seconds.
-
-    Every timed run ends with a device synchronisation; on a GPU it is timed with CUDA events.
-    """
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    latencies = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            latencies.append(start.elapsed_time(end) / 1e3)
-        else:
-            began = time.perf_counter()
-            step()
-            synchronize(device)
-            latencies.append(time.perf_counter() - began)
-    return latencies
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
 # One row.
 
 
@@ -326,7 +177,7 @@ def _time_inference(config: Config, batch: int, run: _Run) -> Timing:
         with torch.inference_mode(), autocast(run.device, run.precision):
             forward(images)
 
-    with _peak_memory(run.device) as peak:
+    with peak_memory(run.device) as peak:
         latencies = time_steps(step, device=run.device, warmup=run.warmup, iters=run.iters)
     return Timing(latencies, peak[0])
 
@@ -346,7 +197,7 @@ def _time_training(config: Config, batch: int, run: _Run) -> Timing:
         scaler.step(optimizer)
         scaler.update()
 
-    with _peak_memory(run.device) as peak:
+    with peak_memory(run.device) as peak:
         latencies = time_steps(step, device=run.device, warmup=run.warmup, iters=run.iters)
     return Timing(latencies, peak[0])
 
@@ -376,7 +227,7 @@ def _measure(
         try:
             timing = timer(config, row.batch, run)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-            if not _is_out_of_memory(err):
+            if not is_out_of_memory(err):
                 raise
             row.status = f"out of memory ({prefix})"
             break

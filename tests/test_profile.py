@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any
 
 import pytest
@@ -18,11 +16,9 @@ from gsa_cli.presets import load_preset
 from gsa_cli.profile import (
     ProfileSettings,
     Timing,
-    dense_peak,
     profile,
     rows_frame,
     summary_frame,
-    time_steps,
 )
 from gsa_cli.runtime import Precision
 
@@ -158,60 +154,11 @@ def test_cuda_where_there_is_none_is_refused() -> None:
         profile(load_preset("smoke"), ProfileSettings(device="cuda"))
 
 
-def test_time_steps_warms_up_then_times_each_step() -> None:
-    calls: list[float] = []
-
-    def step() -> None:
-        calls.append(time.perf_counter())
-        time.sleep(0.01)
-
-    latencies = time_steps(step, device=torch.device("cpu"), warmup=2, iters=3)
-    assert len(calls) == 5
-    assert len(latencies) == 3
-    assert all(0.01 <= t < 0.5 for t in latencies)
-
-
-def test_timing_median_and_interquartile_range() -> None:
-    timing = Timing([0.005, 0.001, 0.003, 0.002, 0.004], peak_mib=1.0)
-    assert timing.median_ms == pytest.approx(3.0)
-    assert timing.iqr_ms == pytest.approx(2.0)  # quartiles 2 ms and 4 ms
-
-
 def test_inputs_are_random_not_zeros() -> None:
     run = profiling._Run(torch.device("cpu"), Precision.FP32, False, False, 0, 1, seed=0)
     images, labels = profiling._inputs(load_preset("smoke"), 4, run)
     assert images.std() > 0.5
     assert labels.unique().numel() > 1
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_cpu_peak_memory_sees_a_tensor_allocated_in_the_block() -> None:
-    before = profiling._read_status_kib("VmRSS")
-    assert before is not None
-    with profiling._peak_memory(torch.device("cpu")) as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
-        del block
-    assert peak[0] >= before / 1024 + 60
-
-
-@pytest.mark.parametrize(
-    ("name", "precision", "tf32", "expected"),
-    [
-        ("NVIDIA H100 80GB HBM3", Precision.BF16, True, (989.4, "bf16")),
-        ("NVIDIA H100 80GB HBM3", Precision.FP32, True, (494.7, "tf32")),
-        ("NVIDIA H100 80GB HBM3", Precision.FP32, False, (66.9, "fp32")),
-        ("NVIDIA H100 PCIe", Precision.FP16, True, (756.0, "fp16")),
-        ("NVIDIA H200", Precision.BF16, True, (989.4, "bf16")),
-        ("NVIDIA H100 NVL", Precision.BF16, True, None),
-        ("NVIDIA A100-SXM4-80GB", Precision.BF16, True, (312.0, "bf16")),
-        ("NVIDIA L4", Precision.BF16, True, (121.0, "bf16")),
-        ("NVIDIA L40S", Precision.BF16, True, None),
-        ("NVIDIA GeForce RTX 4090", Precision.FP16, True, (165.2, "fp16")),
-        ("Tesla T4", Precision.FP16, True, None),
-    ],
-)
-def test_dense_peaks(name: str, precision: Precision, tf32: bool, expected: tuple[float, str] | None) -> None:
-    assert dense_peak(name, precision, tf32=tf32) == expected
 
 
 @pytest.mark.gpu
