@@ -8,6 +8,8 @@ The primitives behind ``gsa profile`` (and any benchmark that wants the same hon
   first); on the CPU the process's peak resident set size during the block (Linux ``VmHWM``, reset
   first through ``/proc/self/clear_refs``), which includes the interpreter, torch and the model.
   :func:`memory_label` says which of these a number is.
+* :func:`cpu_wait` measures how much a block competed for the CPUs with other work (Linux PSI): a
+  timing taken on a busy machine says so.
 * :func:`dense_peak` looks up a GPU's datasheet peak for a precision, for "% of peak".
 """
 
@@ -66,8 +68,11 @@ def dense_peak(name: str, precision: Precision, *, tf32: bool) -> tuple[float, s
 
 @dataclass(frozen=True)
 class Timing:
+    """Seconds per timed step, the peak memory (MiB) and the CPU contention (%, or None) around them."""
+
     latencies_s: list[float]
     peak_mib: float
+    cpu_wait_pct: float | None = None
 
     @property
     def median_ms(self) -> float:
@@ -136,6 +141,28 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak_kib = maxrss // 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS
         result.append(peak_kib / 1024)
+
+
+def _cpu_wait_us() -> int | None:
+    """Linux PSI: microseconds, since boot, during which some runnable task waited for a CPU."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/pressure/cpu").read_text(encoding="ascii").splitlines():
+            if line.startswith("some "):
+                return int(line.rsplit("total=", 1)[1])
+    return None
+
+
+@contextlib.contextmanager
+def cpu_wait() -> Iterator[list[float]]:
+    """Yield a list that holds, after the block, the share (%) of its wall time during which some task
+    on this machine waited for a CPU (Linux pressure stall information); stays empty where PSI is
+    absent. Near 0: the timing had the CPUs to itself; tens of %: it competed with other work."""
+    result: list[float] = []
+    began_us, began = _cpu_wait_us(), time.perf_counter()
+    yield result
+    ended_us, wall = _cpu_wait_us(), time.perf_counter() - began
+    if began_us is not None and ended_us is not None and wall > 0:
+        result.append(min(100.0, 100 * (ended_us - began_us) / 1e6 / wall))
 
 
 def time_steps(step: Callable[[], object], *, device: torch.device, warmup: int, iters: int) -> list[float]:

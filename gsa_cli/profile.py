@@ -19,6 +19,8 @@ were obtained (device, torch version, precision, layout, compile, counter). How 
 * **Achieved rate**: TFLOP/s = 2 FLOPs per counted MAC x MACs per image x images/s, times 3 for a
   training step (backward taken as twice the forward); on GPUs of known dense peak
   (:data:`gsa_cli.measure.DENSE_PEAKS`) also the percentage of that peak.
+* **CPU wait**: the share of each mode's wall time during which some task on the machine waited for a
+  CPU (:func:`gsa_cli.measure.cpu_wait`, Linux PSI): high values flag timings taken on a busy machine.
 * An out-of-memory error is recorded in its row (``status``) and the sweep goes on.
 """
 
@@ -39,7 +41,15 @@ from gsa_cli.choices import MacCounter, Mode
 from gsa_cli.config import Config
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.macs import MacCount, count_macs
-from gsa_cli.measure import Timing, dense_peak, is_out_of_memory, memory_label, peak_memory, time_steps
+from gsa_cli.measure import (
+    Timing,
+    cpu_wait,
+    dense_peak,
+    is_out_of_memory,
+    memory_label,
+    peak_memory,
+    time_steps,
+)
 from gsa_cli.models import build_model
 from gsa_cli.runtime import Precision, autocast, device_name, resolve_device, seed_everything
 
@@ -99,12 +109,14 @@ class ProfileRow:
     infer_peak_mib: float | None = None
     infer_tflops: float | None = None
     infer_peak_pct: float | None = None
+    infer_cpu_wait_pct: float | None = None  # share of the time some task waited for a CPU (PSI)
     train_img_s: float | None = None
     train_ms: float | None = None
     train_ms_iqr: float | None = None
     train_peak_mib: float | None = None
     train_tflops: float | None = None
     train_peak_pct: float | None = None
+    train_cpu_wait_pct: float | None = None
     status: str = "ok"
     device: str = ""
     torch: str = torch.__version__
@@ -177,9 +189,9 @@ def _time_inference(config: Config, batch: int, run: _Run) -> Timing:
         with torch.inference_mode(), autocast(run.device, run.precision):
             forward(images)
 
-    with peak_memory(run.device) as peak:
+    with peak_memory(run.device) as peak, cpu_wait() as waited:
         latencies = time_steps(step, device=run.device, warmup=run.warmup, iters=run.iters)
-    return Timing(latencies, peak[0])
+    return Timing(latencies, peak[0], waited[0] if waited else None)
 
 
 def _time_training(config: Config, batch: int, run: _Run) -> Timing:
@@ -197,9 +209,9 @@ def _time_training(config: Config, batch: int, run: _Run) -> Timing:
         scaler.step(optimizer)
         scaler.update()
 
-    with peak_memory(run.device) as peak:
+    with peak_memory(run.device) as peak, cpu_wait() as waited:
         latencies = time_steps(step, device=run.device, warmup=run.warmup, iters=run.iters)
-    return Timing(latencies, peak[0])
+    return Timing(latencies, peak[0], waited[0] if waited else None)
 
 
 def _record(row: ProfileRow, prefix: str, timing: Timing, macs: int, flops_per_mac: int) -> None:
@@ -211,6 +223,7 @@ def _record(row: ProfileRow, prefix: str, timing: Timing, macs: int, flops_per_m
     setattr(row, f"{prefix}_ms_iqr", timing.iqr_ms)
     setattr(row, f"{prefix}_peak_mib", timing.peak_mib)
     setattr(row, f"{prefix}_tflops", tflops)
+    setattr(row, f"{prefix}_cpu_wait_pct", timing.cpu_wait_pct)
     if row.dense_peak_tflops is not None:
         setattr(row, f"{prefix}_peak_pct", 100 * tflops / row.dense_peak_tflops)
 
@@ -436,11 +449,13 @@ SUMMARY_HEADERS = {
     "infer_peak_mib": "infer peak MiB",
     "infer_tflops": "infer TFLOP/s",
     "infer_peak_pct": "infer % peak",
+    "infer_cpu_wait_pct": "infer CPU wait %",
     "train_img_s": "train img/s",
     "train_latency": "train ms (IQR)",
     "train_peak_mib": "train peak MiB",
     "train_tflops": "train TFLOP/s",
     "train_peak_pct": "train % peak",
+    "train_cpu_wait_pct": "train CPU wait %",
     "status": "status",
 }
 # Held fixed in a profile: shown once, in the caption, when every row has the same value.

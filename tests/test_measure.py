@@ -63,3 +63,11 @@ def test_cpu_peak_memory_sees_a_tensor_allocated_in_the_block() -> None:
 )
 def test_dense_peaks(name: str, precision: Precision, tf32: bool, expected: tuple[float, str] | None) -> None:
     assert dense_peak(name, precision, tf32=tf32) == expected
+
+
+@pytest.mark.skipif(measure._cpu_wait_us() is None, reason="no Linux pressure stall information")
+def test_cpu_wait_is_a_share_of_the_wall_time() -> None:
+    with measure.cpu_wait() as waited:
+        time.sleep(0.05)
+    assert len(waited) == 1
+    assert 0 <= waited[0] <= 100

@@ -50,6 +50,8 @@ def test_rows_record_how_they_were_measured(sweep: profiling.ProfileResult) -> N
     assert "RSS" in row.memory
     assert row.dense_peak_tflops is None  # a CPU: no tabulated peak
     assert row.uncounted == ""
+    for waited in (row.infer_cpu_wait_pct, row.train_cpu_wait_pct):  # None where Linux PSI is absent
+        assert waited is None or 0 <= waited <= 100
 
 
 def test_macs_are_counted_on_the_model_built_for_each_image_size(sweep: profiling.ProfileResult) -> None:
