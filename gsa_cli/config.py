@@ -36,6 +36,7 @@ class ModelKind(str, Enum):
 
     GSA = "gsa"
     CONV = "conv"
+    FULL = "full"  # dense global multi-head self-attention, the quadratic baseline [ours]
 
 
 class Stem(str, Enum):

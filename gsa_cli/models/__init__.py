@@ -7,10 +7,11 @@ from functools import partial
 from torch import nn
 
 from gsa_cli.config import Config, ModelConfig, ModelKind
+from gsa_cli.models.full import FullSelfAttention2d
 from gsa_cli.models.gsa import GlobalSelfAttention2d
 from gsa_cli.models.resnet import ResNet, SpatialFactory, conv3x3
 
-__all__ = ["GlobalSelfAttention2d", "ResNet", "build_model", "spatial_factory"]
+__all__ = ["FullSelfAttention2d", "GlobalSelfAttention2d", "ResNet", "build_model", "spatial_factory"]
 
 
 def _gsa(model: ModelConfig, channels: int, stride: int, feature_size: int) -> nn.Module:
@@ -27,10 +28,25 @@ def _gsa(model: ModelConfig, channels: int, stride: int, feature_size: int) -> n
     )
 
 
+def _full(model: ModelConfig, channels: int, stride: int, feature_size: int) -> nn.Module:
+    del feature_size  # dense attention is global at any size
+    return FullSelfAttention2d(
+        channels,
+        channels,
+        heads=model.heads,
+        key_channels=round(channels * model.key_ratio),
+        stride=stride,
+    )
+
+
 def spatial_factory(model: ModelConfig, stage: int) -> SpatialFactory:
-    """The spatial operator of a 1-based stage: GSA in a GSA model's GSA stages, else a 3x3 conv."""
-    if model.kind is ModelKind.GSA and stage in model.gsa_stages:
-        return partial(_gsa, model)
+    """The spatial operator of a 1-based stage: in the attention stages (``model.gsa_stages``) GSA
+    for a ``gsa`` model and dense attention for a ``full`` one; a 3x3 conv everywhere else."""
+    if stage in model.gsa_stages:
+        if model.kind is ModelKind.GSA:
+            return partial(_gsa, model)
+        if model.kind is ModelKind.FULL:
+            return partial(_full, model)
     return conv3x3
 
 

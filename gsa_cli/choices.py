@@ -1,0 +1,37 @@
+"""Choices that measuring commands offer, as enums; torch-free, so that ``gsa --help`` starts fast."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class MacCounter(str, Enum):
+    """Which tool counts the multiply-adds."""
+
+    FVCORE = "fvcore"  # fvcore's FlopCountAnalysis (tracing), with gsa_cli.macs' handles
+    TORCH = "torch"  # torch.utils.flop_counter.FlopCounterMode (dispatch), products only
+
+
+class Mode(str, Enum):
+    """What to time: inference, a training step, or both."""
+
+    INFER = "infer"
+    TRAIN = "train"
+    BOTH = "both"
+
+    @property
+    def infer(self) -> bool:
+        return self is not Mode.TRAIN
+
+    @property
+    def train(self) -> bool:
+        return self is not Mode.INFER
+
+
+class OutputFormat(str, Enum):
+    """How a table is printed: a rich table, or the text of a CSV, JSON or Markdown file."""
+
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+    MD = "md"
