@@ -8,8 +8,10 @@ and dense-attention modules is counted:
 
 * **Products**, as multiply-adds: convolution, linear, ``mm``/``bmm``/``matmul`` (batch dimensions
   broadcast), ``einsum`` (exactly: fvcore's own einsum handle reads numpy's rounded ``einsum_path``
-  report, off by up to 0.05%) and ``scaled_dot_product_attention`` (``N * M * (d_k + d_v)`` per head:
-  the ``q k^T`` and attention-times-values products).
+  report, off by up to 0.05%), ``scaled_dot_product_attention`` (``N * M * (d_k + d_v)`` per head:
+  the ``q k^T`` and attention-times-values products) and GSA's axial positional passes, a custom
+  autograd function that fvcore sees as one ``prim::PythonOp`` (``N * L * (d_k + d_v)`` for a pass
+  along an axis of length ``L``).
 * **Per-element costs** (fvcore's conventions where it has one), also in the MAC total:
   batch norm 2 per element in eval mode (fvcore), adaptive average pool 1 per input element (fvcore),
   average pool 1 per input element of each window, ``mean``/``sum`` 1 per input element, softmax 3
@@ -44,7 +46,10 @@ from gsa_cli.errors import GsaError
 
 # Operator names as reported in MacCount.by_operator (fvcore's simplified names: "aten::" dropped).
 PRODUCT_OPS = frozenset(
-    {"conv", "linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "einsum", "scaled_dot_product_attention"}
+    {
+        *("conv", "linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "einsum"),
+        *("scaled_dot_product_attention", "axial_relative_attention"),
+    }
 )
 ELEMENTWISE_OPS = frozenset(
     {"add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "sqrt", "rsqrt"}
@@ -67,9 +72,12 @@ NO_ARITHMETIC = frozenset(
         "aten::mT",
     }
 )
-# An uncounted operator whose name matches this does products: the count would be wrong.
+# An uncounted operator whose name matches this does products: the count would be wrong. A custom
+# autograd function (prim::PythonOp) may do anything, so an uncounted one counts as a product too.
 _PRODUCT_LIKE = re.compile(
     r"mm|mv|matmul|einsum|conv|linear|attention|bilinear|tensordot|dot|inner|outer|ger|kron|cdist|lstm|gru|rnn"
+    r"|PythonOp",
+    re.IGNORECASE,
 )
 SOFTMAX_COST = 3  # per element: exponential, running sum, division
 
@@ -207,6 +215,17 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     )
 
 
+def _axial_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """GSA's axial positional pass (:class:`~gsa_cli.models.gsa.AxialRelativeAttention`).
+
+    With queries ``(h, A, M, d)`` and values ``(h, M, A, c)``: the logits ``h A M A d`` and their
+    product with the values ``h M A A c``.
+    """
+    heads, length, rows, keys = _known_shape(inputs[0], "axial attention")
+    values = _known_shape(inputs[1], "axial attention")[-1]
+    return Counter({"axial_relative_attention": heads * length * rows * length * (keys + values)})
+
+
 def _softmax_cost(inputs: list[Any], outputs: list[Any]) -> int:
     shape = _shape(inputs[0])
     return SOFTMAX_COST * math.prod(shape) if shape is not None else 0
@@ -263,6 +282,7 @@ FVCORE_HANDLES: dict[str, Handle] = {
     "aten::baddbmm": _addmm_macs,
     "aten::einsum": _einsum_macs,
     "aten::scaled_dot_product_attention": _sdpa_macs,
+    "prim::PythonOp.AxialRelativeAttention": _axial_attention_macs,
     "aten::softmax": _softmax_cost,
     "aten::log_softmax": _softmax_cost,
     "aten::avg_pool2d": _avg_pool2d_cost,
