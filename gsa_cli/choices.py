@@ -35,3 +35,11 @@ class OutputFormat(str, Enum):
     CSV = "csv"
     JSON = "json"
     MD = "md"
+
+
+class Accuracy(str, Enum):
+    """Which top-1 of a run a comparison plots: the best epoch's, the last epoch's, or ``gsa eval``'s."""
+
+    BEST = "best"
+    FINAL = "final"
+    EVAL = "eval"

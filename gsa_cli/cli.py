@@ -18,7 +18,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from typer.core import TyperGroup
 
-from gsa_cli.choices import MacCounter, Mode, OutputFormat
+from gsa_cli.choices import Accuracy, MacCounter, Mode, OutputFormat
 from gsa_cli.errors import ConfigError, GsaError
 
 if TYPE_CHECKING:
@@ -96,6 +96,17 @@ ImgSizesOpt = Annotated[
 ]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="Time a torch.compile'd model.")]
+ModeOpt = Annotated[Mode, typer.Option("--mode", help="Time inference, a training step, or both.")]
+WarmupOpt = Annotated[
+    int | None, typer.Option("--warmup", help="Untimed iterations (default: 10 on a GPU, 2 on the CPU).")
+]
+ItersOpt = Annotated[
+    int | None, typer.Option("--iters", help="Timed iterations (default: 40 on a GPU, 5 on the CPU).")
+]
+CounterOpt = Annotated[
+    MacCounter,
+    typer.Option("--counter", help="Who counts the multiply-adds: fvcore or torch (FlopCounterMode)."),
+]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="How to print the results.")]
 OutOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Also write the results to FILE (.csv, .json or .md).")
@@ -385,26 +396,17 @@ def profile_command(
     model: ModelOpt = "gsa",
     batch_size: BatchSizesOpt = None,
     img_size: ImgSizesOpt = None,
-    mode: Annotated[
-        Mode, typer.Option("--mode", help="Time inference, a training step, or both.")
-    ] = Mode.BOTH,
+    mode: ModeOpt = Mode.BOTH,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = PrecisionChoice.fp32,
     channels_last: ChannelsLastOpt = False,
     compile: CompileOpt = False,
-    warmup: Annotated[
-        int | None, typer.Option("--warmup", help="Untimed iterations (default: 10 on a GPU, 2 on the CPU).")
-    ] = None,
-    iters: Annotated[
-        int | None, typer.Option("--iters", help="Timed iterations (default: 40 on a GPU, 5 on the CPU).")
-    ] = None,
+    warmup: WarmupOpt = None,
+    iters: ItersOpt = None,
     fmt: FormatOpt = OutputFormat.TABLE,
     out: OutOpt = None,
     overrides: SetOpt = None,
-    counter: Annotated[
-        MacCounter,
-        typer.Option("--counter", help="Who counts the multiply-adds: fvcore or torch (FlopCounterMode)."),
-    ] = MacCounter.FVCORE,
+    counter: CounterOpt = MacCounter.FVCORE,
     detail: Annotated[
         bool, typer.Option("--detail", help="Also break the MACs down by module and operator.")
     ] = False,
@@ -471,6 +473,111 @@ def profile_command(
             else:
                 error_console.print("--detail shows with --format table or md")
                 break
+
+
+# Options of `gsa compare` that only apply to model kinds, or only to run directories.
+_KIND_ONLY = (
+    "preset", "batch_size", "img_size", "mode", "device", "precision", "channels_last", "compile",
+    "warmup", "iters", "overrides", "counter",
+)  # fmt: skip
+_RUN_ONLY = ("by", "accuracy")
+
+
+def _flags(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    return ["--" + name.replace("_", "-").replace("overrides", "set") for name in names if _given(ctx, name)]
+
+
+@app.command("compare")
+def compare_command(
+    ctx: typer.Context,
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model kinds (conv vs gsa; the word vs is optional) or run directories (globs too).",
+            metavar="KIND... | RUN_DIR...",
+            show_default=False,
+        ),
+    ],
+    preset: PresetOpt = "imagenet50",
+    batch_size: BatchSizesOpt = None,
+    img_size: ImgSizesOpt = None,
+    mode: ModeOpt = Mode.BOTH,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = PrecisionChoice.fp32,
+    channels_last: ChannelsLastOpt = False,
+    compile: CompileOpt = False,
+    warmup: WarmupOpt = None,
+    iters: ItersOpt = None,
+    overrides: SetOpt = None,
+    counter: CounterOpt = MacCounter.FVCORE,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by", help="Runs: also tabulate and plot top-1 against this config key, e.g. data.distance."
+        ),
+    ] = None,
+    accuracy: Annotated[
+        Accuracy,
+        typer.Option(
+            "--accuracy", help="Runs: which top-1 the plots and --by use (best or final epoch, or eval.json)."
+        ),
+    ] = Accuracy.BEST,
+    fmt: FormatOpt = OutputFormat.TABLE,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write compare.csv, compare.json, compare.md and PNG plots to DIR."),
+    ] = None,
+) -> None:
+    """Model kinds profiled side by side, or finished runs with their accuracy; ratios to the first.
+
+    `gsa compare conv vs gsa` profiles each kind of a preset under the same settings, one after
+    another. `gsa compare RUN_DIR...` reads runs written by `gsa train`.
+    """
+    from gsa_cli import tables
+    from gsa_cli.compare import compare_kinds, compare_runs, split_inputs, write_report
+
+    inputs = split_inputs(targets)
+    if inputs.kinds:
+        if misplaced := _flags(ctx, _RUN_ONLY):
+            raise ConfigError(f"{', '.join(misplaced)}: for run directories, not model kinds")
+        from gsa_cli.presets import load_preset
+        from gsa_cli.profile import ProfileSettings
+        from gsa_cli.runtime import Precision
+
+        configs = [load_preset(preset, model=kind, overrides=overrides or ()) for kind in inputs.kinds]
+        settings = ProfileSettings(
+            device=device,
+            precision=Precision(precision.value),
+            batch_sizes=parse_sizes(batch_size, "--batch-size"),
+            img_sizes=parse_sizes(img_size, "--img-size"),
+            mode=mode,
+            channels_last=channels_last,
+            compile=compile,
+            warmup=warmup,
+            iters=iters,
+            counter=counter,
+        )
+        with error_console.status("profiling") as status:
+            comparison = compare_kinds(configs, settings, progress=status.update)
+    else:
+        if misplaced := _flags(ctx, _KIND_ONLY):
+            raise ConfigError(f"{', '.join(misplaced)}: for model kinds, not run directories")
+        comparison = compare_runs(inputs.runs, by=by, accuracy=accuracy)
+
+    if out is not None:
+        written = write_report(comparison, out)
+        error_console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)
+    if fmt is OutputFormat.TABLE:
+        # A terminal wraps the tables to its width; a pipe or a log file gets them whole.
+        screen = console if console.is_terminal else Console(width=250)
+        for number, view in enumerate(comparison.views):
+            title = comparison.title if number == 0 else view.heading
+            screen.print(tables.rich_table(view.frame, title=title, caption=view.caption or None))
+    elif fmt is OutputFormat.MD:
+        for view in comparison.views:
+            sys.stdout.write(f"\n### {view.heading}\n\n" + tables.markdown(view.frame, caption=view.caption))
+    else:
+        sys.stdout.write(tables.to_text(comparison.frame, fmt))
 
 
 def main() -> None:

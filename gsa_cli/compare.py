@@ -1,0 +1,593 @@
+"""Side by side: model kinds profiled under identical settings, or finished runs read back.
+
+``gsa compare conv vs gsa`` profiles each kind (:func:`compare_kinds`, through
+:func:`gsa_cli.profile.profile`, one kind after another in this process) and ``gsa compare RUN_DIR ...``
+reads run directories (:func:`compare_runs`). Both give a :class:`Comparison`: a frame with every
+column (for ``compare.csv`` and ``compare.json``), readable tables with each row's ratio to the first
+kind or run, and what the plots need; :func:`write_report` writes the files and the Markdown report.
+
+Nothing here imports torch at module level: comparing existing runs starts fast. Profiling imports it
+when called, and so does counting a run's multiply-adds when its ``summary.json`` does not record them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import yaml
+
+from gsa_cli import tables
+from gsa_cli.choices import Accuracy
+from gsa_cli.config import ModelKind
+from gsa_cli.errors import ConfigError, GsaError
+from gsa_cli.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, EpochMetrics, RunDir
+
+if TYPE_CHECKING:
+    from gsa_cli.config import Config
+    from gsa_cli.profile import ProfileSettings
+
+KINDS = tuple(kind.value for kind in ModelKind)
+VS = "vs"  # `gsa compare conv vs gsa`: sugar, dropped
+GMACS_FROM_SUMMARY = "summary.json"
+GMACS_COUNTED = "counted now from config.yaml (fvcore)"  # summary.json did not record them
+# Summary fields a comparison reads; a summary without them was not written by a finished epoch.
+SUMMARY_FIELDS = ("model_kind", "epochs", "epochs_done", "best_top1", "final_top1", "parameters")
+
+
+@dataclass(frozen=True)
+class TableView:
+    """One readable table: a heading, the frame as shown, and a caption of what its rows share."""
+
+    heading: str
+    frame: pd.DataFrame
+    caption: str = ""
+
+
+@dataclass
+class Comparison:
+    """What ``gsa compare`` shows and writes.
+
+    Attributes:
+        title: One line naming what is compared.
+        settings: ``name: value`` lines for the report's settings section.
+        frame: Every column of every row (``compare.csv``, ``compare.json``).
+        views: The readable tables, the main one first.
+        scaling: Kinds at several image sizes: the rows the log-log plot draws.
+        curves: Runs: validation top-1 per epoch, by run label.
+        by: Runs with ``--by KEY``: the dotted key and the long frame the plot draws.
+        accuracy: Which top-1 the run plots use.
+    """
+
+    title: str
+    settings: list[str]
+    frame: pd.DataFrame
+    views: list[TableView]
+    scaling: pd.DataFrame | None = None
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    by: tuple[str, pd.DataFrame] | None = None
+    accuracy: Accuracy = Accuracy.BEST
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the arguments name.
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Model kinds or run directories (never both)."""
+
+    kinds: tuple[str, ...] = ()
+    runs: tuple[Path, ...] = ()
+
+
+def split_inputs(words: Sequence[str]) -> Inputs:
+    """Sort ``gsa compare``'s arguments into model kinds or run directories (globs expanded).
+
+    A bare kind name (``gsa``, ``conv``, ``full``) is a kind; write ``./gsa`` for a folder of that name.
+
+    Raises:
+        ConfigError: for no inputs, a mix of kinds and directories, a repeat, a glob matching no
+            folder, or a word that is neither a kind nor an existing path.
+    """
+    words = [word for word in words if word.lower() != VS]
+    if not words:
+        raise ConfigError("nothing to compare: name model kinds (conv vs gsa) or run directories")
+    kinds: list[str] = []
+    runs: list[Path] = []
+    for word in words:
+        if word in KINDS:
+            kinds.append(word)
+        elif any(char in word for char in "*?["):
+            matches = [Path(match) for match in sorted(glob.glob(word)) if Path(match).is_dir()]
+            if not matches:
+                raise ConfigError(f"{word}: matches no run directory")
+            runs += matches
+        elif Path(word).exists():
+            runs.append(Path(word))
+        else:
+            raise ConfigError(
+                f"{word}: neither a model kind ({', '.join(KINDS)}) nor an existing run directory"
+            )
+    if kinds and runs:
+        raise ConfigError(
+            f"compare model kinds or run directories, not both: got {', '.join(kinds)} "
+            f"and {', '.join(map(str, runs))}"
+        )
+    for name, items in (("model kind", kinds), ("run directory", [str(run) for run in runs])):
+        repeated = sorted({item for item in items if items.count(item) > 1})
+        if repeated:
+            raise ConfigError(f"{name} {', '.join(repeated)} named more than once")
+    return Inputs(tuple(kinds), tuple(runs))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared helpers.
+
+
+def _ratio(value: Any, reference: Any) -> float | None:
+    if value is None or reference is None or pd.isna(value) or pd.isna(reference) or reference == 0:
+        return None
+    return float(value) / float(reference)
+
+
+def _difference(value: Any, reference: Any) -> float | None:
+    if value is None or reference is None or pd.isna(value) or pd.isna(reference):
+        return None
+    return float(value) - float(reference)
+
+
+def _lift(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """Columns holding one value in every row lifted into a caption (empty values left out)."""
+    frame, constant = tables.split_constant(frame, list(columns))
+    return frame, tables.caption({k: v for k, v in constant.items() if v not in (None, "") and v == v})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model kinds, profiled.
+
+RATIO_COLUMNS = ("params", "gmacs", "infer_img_s", "train_img_s", "infer_peak_mib", "train_peak_mib")
+KIND_HEADERS = {
+    "model": "model",
+    "img_size": "px",
+    "batch": "batch",
+    "params": "params",
+    "gmacs": "GMACs",
+    "infer_img_s": "infer img/s",
+    "infer_ms": "infer ms",
+    "train_img_s": "train img/s",
+    "train_ms": "train ms",
+    "infer_peak_mib": "infer peak MiB",
+    "train_peak_mib": "train peak MiB",
+    "status": "status",
+}
+KIND_CONTEXT = ("img_size", "batch", "status", "preset", "device", "torch", "precision", "layout")
+KIND_CONTEXT_MORE = ("compile", "counter", "warmup", "iters", "memory")
+SCALING_HEADERS = {
+    "model": "model",
+    "img_size": "px",
+    "gmacs": "GMACs",
+    "gmacs_exponent": "GMACs exponent",
+    "infer_img_s": "infer img/s",
+    "train_img_s": "train img/s",
+    "infer_peak_mib": "infer peak MiB",
+    "train_peak_mib": "train peak MiB",
+}
+
+
+def _with_kind_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``{column}_ratio``: each row over the first kind's row at the same image size and batch."""
+    first = frame["model"].iloc[0]
+    reference = frame[frame["model"] == first].set_index(["img_size", "batch"])
+    frame = frame.copy()
+    for column in RATIO_COLUMNS:
+        frame[f"{column}_ratio"] = [
+            _ratio(row[column], reference[column].get((row["img_size"], row["batch"])))
+            for _, row in frame.iterrows()
+        ]
+    return frame
+
+
+def _scaling(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each kind across image sizes at the first batch size, with GMACs' growth exponent in pixels.
+
+    The exponent between consecutive sizes is log(GMACs ratio) / log(pixel ratio): 1 for a cost
+    linear in the pixel count, 2 for a quadratic one.
+    """
+    rows = frame[frame["batch"] == frame["batch"].iloc[0]].sort_values(["model", "img_size"], kind="stable")
+    rows = rows.set_index("model").loc[list(dict.fromkeys(frame["model"]))].reset_index()
+    exponents: list[float | None] = [None]
+    for previous, row in zip(rows.to_dict("records"), rows.to_dict("records")[1:], strict=False):
+        if previous["model"] != row["model"]:
+            exponents.append(None)
+            continue
+        pixels = (row["img_size"] / previous["img_size"]) ** 2
+        exponents.append(math.log(row["gmacs"] / previous["gmacs"]) / math.log(pixels))
+    rows["gmacs_exponent"] = exponents
+    return rows
+
+
+def compare_kinds(
+    configs: Sequence[Config], settings: ProfileSettings, *, progress: Callable[[str], None] | None = None
+) -> Comparison:
+    """Profile each config (one per model kind) under the same settings, one after another.
+
+    Args:
+        configs: Resolved configs differing in ``model.kind``; the first is the reference of the ratios.
+        settings: What to measure and how (:class:`gsa_cli.profile.ProfileSettings`).
+        progress: Called with a short line before each measurement.
+
+    Raises:
+        ConfigError: for impossible settings or a device that is not here.
+        GsaError: when a model cannot be counted or compiled.
+    """
+    from gsa_cli.profile import profile, rows_frame
+
+    rows = []
+    for config in configs:
+        rows += profile(config, settings, progress=progress).rows
+    frame = _with_kind_ratios(rows_frame(rows))
+    first = str(frame["model"].iloc[0])
+    headers = dict(KIND_HEADERS)
+    headers.update({f"{column}_ratio": f"{KIND_HEADERS[column]} / {first}" for column in RATIO_COLUMNS})
+    shown = frame.dropna(axis="columns", how="all")
+    shown, caption = _lift(shown, KIND_CONTEXT + KIND_CONTEXT_MORE)
+    views = [TableView("Side by side", tables.view(shown, headers), caption)]
+    scaling = None
+    if frame["img_size"].nunique() > 1:
+        scaling = _scaling(frame)
+        batch = int(scaling["batch"].iloc[0])
+        view = tables.view(scaling.dropna(axis="columns", how="all"), SCALING_HEADERS)
+        note = (
+            f"batch {batch} · GMACs exponent: log(GMACs ratio) / log(pixel ratio) from the previous size, "
+            "1 = linear in the pixel count, 2 = quadratic"
+        )
+        views.append(TableView("Scaling with resolution", view, note))
+    config = configs[0]
+    kinds = " vs ".join(str(kind) for kind in dict.fromkeys(frame["model"]))
+    context = frame.iloc[0]
+    sizes = ", ".join(str(size) for size in dict.fromkeys(frame["img_size"]))
+    batches = ", ".join(str(batch) for batch in dict.fromkeys(frame["batch"]))
+    lines = [
+        f"preset: {config.name} ({config.description})",
+        f"models: {kinds}, profiled one after another in one process",
+        f"image sizes: {sizes} px · batch sizes: {batches}",
+        f"device: {context['device']} · torch: {context['torch']} · precision: {context['precision']} · "
+        f"layout: {context['layout']} · compile: {tables.format_value(bool(context['compile']))}",
+        f"warm-up: {context['warmup']} · timed iterations: {context['iters']} · MAC counter: "
+        f"{context['counter']} (GMACs at batch 1, eval mode)",
+        f"peak memory: {context['memory']}",
+        f"ratios: each row over the {first} row at the same image size and batch",
+    ]
+    return Comparison(f"gsa compare: {kinds} ({config.name})", lines, frame, views, scaling=scaling)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finished runs, read back.
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run directory's records, read and checked."""
+
+    path: Path
+    summary: dict[str, Any]
+    metrics: list[EpochMetrics]
+    evaluation: dict[str, Any] | None
+    config: dict[str, Any]
+
+
+def read_run(path: Path) -> RunRecord:
+    """Read a run directory written by ``gsa train``.
+
+    Raises:
+        ConfigError: if ``path`` is not a folder.
+        GsaError: naming the folder, if it is not a run directory or is half-written (a record missing,
+            unreadable or inconsistent with the others).
+    """
+    run = RunDir(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a run directory (no such folder)")
+    needed = (run.config, run.metrics, run.summary)
+    missing = [file.name for file in needed if not file.is_file()]
+    if len(missing) == len(needed):
+        raise GsaError(f"{path}: not a run directory (no {', '.join(missing)}: written by gsa train)")
+    if missing:
+        raise GsaError(
+            f"{path}: half-written run directory: {', '.join(missing)} missing "
+            "(gsa train writes metrics.csv and summary.json after each epoch)"
+        )
+    summary = run.read_summary()
+    absent = [name for name in SUMMARY_FIELDS if name not in summary]
+    if absent:
+        raise GsaError(f"{run.summary}: half-written or not from gsa train: no {', '.join(absent)}")
+    metrics = run.read_metrics()
+    if len(metrics) != summary["epochs_done"]:
+        raise GsaError(
+            f"{path}: half-written run directory: {SUMMARY_FILE} says {summary['epochs_done']} epochs done, "
+            f"{METRICS_FILE} has {len(metrics)}"
+        )
+    try:
+        config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise GsaError(f"{run.config}: unreadable ({err})") from None
+    if not isinstance(config, dict):
+        raise GsaError(f"{run.config}: expected a mapping of config sections")
+    evaluation = run.read_eval() if run.eval.is_file() else None
+    return RunRecord(path, summary, metrics, evaluation, config)
+
+
+def config_value(record: RunRecord, key: str) -> Any:
+    """The value at a dotted key (``data.distance``) of the run's resolved ``config.yaml``.
+
+    Raises:
+        ConfigError: naming the run and the key, when the config has no such key.
+    """
+    node: Any = record.config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"--by {key}: {record.path / CONFIG_FILE} has no such key (e.g. data.distance)")
+        node = node[part]
+    return node
+
+
+def _count_gmacs(record: RunRecord) -> float | None:
+    """Multiply-adds of one image for the run's config, counted now (imports torch)."""
+    from gsa_cli import build_model
+    from gsa_cli.macs import count_macs
+    from gsa_cli.presets import load_preset
+
+    config = load_preset(record.path / CONFIG_FILE, model=None)
+    count = count_macs(build_model(config), img_size=config.data.img_size, channels=config.data.channels)
+    return count.total / 1e9
+
+
+def _gmacs(record: RunRecord) -> tuple[float | None, str]:
+    value = record.summary.get("gmacs")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value), GMACS_FROM_SUMMARY
+    return _count_gmacs(record), GMACS_COUNTED
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Each run's folder name, or its whole path where two runs share a folder name."""
+    names = [path.name or str(path) for path in paths]
+    return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths, strict=True)]
+
+
+def _run_row(label: str, record: RunRecord) -> dict[str, Any]:
+    summary = record.summary
+    evaluation = record.evaluation or {}
+    gmacs, source = _gmacs(record)
+    return {
+        "run": label,
+        "path": str(record.path),
+        "model": summary["model_kind"],
+        "preset": summary.get("preset"),
+        "dataset": summary.get("dataset"),
+        "status": summary.get("status"),
+        "epochs_done": summary["epochs_done"],
+        "epochs": summary["epochs"],
+        "best_top1": summary["best_top1"],
+        "best_top5": summary.get("best_top5"),
+        "best_epoch": summary.get("best_epoch"),
+        "final_top1": summary["final_top1"],
+        "final_top5": summary.get("final_top5"),
+        "eval_top1": evaluation.get("top1"),
+        "eval_top5": evaluation.get("top5"),
+        "params": summary["parameters"],
+        "gmacs": gmacs,
+        "gmacs_source": source,
+        "wall_time_s": summary.get("wall_time_s"),
+        "train_img_s": summary.get("images_per_s"),
+        "device": summary.get("device"),
+        "world_size": summary.get("world_size"),
+        "precision": summary.get("precision"),
+        "batch_size": summary.get("batch_size"),
+        "torch": summary.get("torch_version"),
+    }
+
+
+ACCURACY_COLUMNS = {Accuracy.BEST: "best_top1", Accuracy.FINAL: "final_top1", Accuracy.EVAL: "eval_top1"}
+RUN_RATIOS = ("params", "gmacs", "wall_time_s")
+RUN_DELTAS = ("best_top1", "final_top1")
+RUN_CONTEXT = ("preset", "dataset", "status", "device", "world_size", "precision", "batch_size", "torch")
+RUN_HEADERS = {
+    "run": "run",
+    "model": "model",
+    "by_value": "",  # set to the --by key
+    "epochs_text": "epochs",
+    "best_top1": "best top-1 %",
+    "best_epoch": "at epoch",
+    "best_top5": "best top-5 %",
+    "final_top1": "final top-1 %",
+    "final_top5": "final top-5 %",
+    "eval_top1": "eval top-1 %",
+    "params": "params",
+    "gmacs": "GMACs",
+    "wall_time_s": "wall time s",
+    "train_img_s": "train img/s",
+}
+
+
+def _by_frame(frame: pd.DataFrame, accuracy: Accuracy) -> pd.DataFrame:
+    """Top-1 by (key value, model): mean, lowest, highest and number of runs; numeric x where possible."""
+    column = ACCURACY_COLUMNS[accuracy]
+    grouped = frame.groupby(["by_value", "model"], sort=False)[column]
+    long = grouped.agg(["mean", "min", "max", "count"]).reset_index()
+    long = long.merge(frame.drop_duplicates("by_value")[["by_value", "by_x"]], on="by_value")
+    if long["by_x"].notna().all():
+        long = long.sort_values("by_x", kind="stable")
+    return long.rename(columns={"mean": "top1", "min": "top1_min", "max": "top1_max", "count": "runs"})
+
+
+def _axis_value(value: Any) -> tuple[str, float | None]:
+    """A config value as a label and, when numeric (a number or a [min, max] range), an x position."""
+    if isinstance(value, bool):
+        return str(value).lower(), None
+    if isinstance(value, int | float):
+        return tables.format_value(value), float(value)
+    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+        label = tables.format_value(value[0]) if len(set(value)) == 1 else "-".join(map(str, value))
+        return label, sum(value) / len(value)
+    return json.dumps(value) if not isinstance(value, str) else value, None
+
+
+def compare_runs(
+    paths: Sequence[Path], *, by: str | None = None, accuracy: Accuracy = Accuracy.BEST
+) -> Comparison:
+    """Read finished runs and set them side by side, with ratios against the first.
+
+    Args:
+        paths: Run directories written by ``gsa train``; the first is the reference.
+        by: A dotted config key (``data.distance``): also tabulate top-1 against its value per model.
+        accuracy: Which top-1 the plots and the ``by`` table use.
+
+    Raises:
+        ConfigError: for a path that is not a folder, or a ``by`` key a run's config lacks.
+        GsaError: naming a folder that is not a run directory or is half-written.
+    """
+    records = [read_run(path) for path in paths]
+    labels = _labels(paths)
+    frame = pd.DataFrame([_run_row(label, record) for label, record in zip(labels, records, strict=True)])
+    if by is not None:
+        values = [_axis_value(config_value(record, by)) for record in records]
+        frame.insert(3, "by_value", [label for label, _ in values])
+        frame.insert(4, "by_x", [x for _, x in values])
+    first = frame.iloc[0]
+    for column in RUN_RATIOS:
+        frame[f"{column}_ratio"] = [_ratio(value, first[column]) for value in frame[column]]
+    for column in RUN_DELTAS:
+        frame[f"{column}_delta"] = [_difference(value, first[column]) for value in frame[column]]
+
+    headers = dict(RUN_HEADERS, by_value=by or "")
+    headers.update({f"{c}_ratio": f"{RUN_HEADERS[c].removesuffix(' s')} / {labels[0]}" for c in RUN_RATIOS})
+    headers.update({f"{c}_delta": f"{RUN_HEADERS[c][:-2]} - {labels[0]} (points)" for c in RUN_DELTAS})
+    shown = frame.assign(
+        epochs_text=[f"{d}/{n}" for d, n in zip(frame["epochs_done"], frame["epochs"], strict=True)]
+    )
+    shown = shown.dropna(axis="columns", how="all")
+    shown, caption = _lift(shown, RUN_CONTEXT)
+    sources = set(frame["gmacs_source"])
+    caption = " · ".join(part for part in (caption, f"GMACs: {', '.join(sorted(sources))}") if part)
+    views = [TableView("Side by side", tables.view(shown, headers), caption)]
+
+    comparison = Comparison(
+        f"gsa compare: {' vs '.join(labels)}",
+        [f"`{record.path}`: {_describe(record)}" for record in records],
+        frame,
+        views,
+        curves={
+            label: [(m.epoch, m.val_top1) for m in r.metrics]
+            for label, r in zip(labels, records, strict=True)
+        },
+        accuracy=accuracy,
+    )
+    comparison.settings += [
+        f"ratios over {labels[0]}; top-1 differences in percentage points",
+        f"GMACs per image at the run's image size, batch 1: {', '.join(sorted(sources))}",
+    ]
+    if by is not None:
+        long = _by_frame(frame, accuracy)
+        comparison.by = (by, long)
+        wide = long.pivot_table(index="by_value", columns="model", values="top1", sort=False).reset_index()
+        wide = wide.rename(columns={"by_value": by})
+        wide.columns.name = None
+        note = f"{accuracy.value} top-1 % by model" + (
+            "; the mean where several runs share a value" if long["runs"].gt(1).any() else ""
+        )
+        comparison.views.append(TableView(f"Top-1 against {by}", wide, note))
+    return comparison
+
+
+def _describe(record: RunRecord) -> str:
+    summary = record.summary
+    return (
+        f"{summary['model_kind']}, preset {summary.get('preset')}, {summary.get('status')} "
+        f"after {summary['epochs_done']}/{summary['epochs']} epochs"
+        + ("" if record.evaluation is None else f", evaluated ({record.evaluation.get('weights')} weights)")
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files.
+
+
+def write_report(comparison: Comparison, out: Path) -> list[Path]:
+    """Write ``compare.csv``, ``compare.json``, the PNG plots and ``compare.md`` (which embeds them).
+
+    Returns:
+        The paths written, the report last.
+
+    Raises:
+        ConfigError: if ``out`` cannot be written.
+    """
+    from gsa_cli import plots
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+    written = [
+        tables.write(comparison.frame, out / "compare.csv"),
+        tables.write(comparison.frame, out / "compare.json"),
+    ]
+    figures: list[tuple[str, Path]] = []
+    if comparison.scaling is not None:
+        figures.append(
+            (
+                "Throughput and memory against resolution",
+                plots.scaling(comparison.scaling, out / "scaling.png"),
+            )
+        )
+    if comparison.curves:
+        label = f"{comparison.accuracy.value} top-1"
+        column = ACCURACY_COLUMNS[comparison.accuracy]
+        figures.append(
+            (
+                "Top-1 against cost",
+                plots.accuracy_vs_cost(comparison.frame, column, label, out / "accuracy_vs_cost.png"),
+            )
+        )
+        figures.append(
+            ("Learning curves", plots.learning_curves(comparison.curves, out / "learning_curves.png"))
+        )
+    if comparison.by is not None:
+        key, long = comparison.by
+        name = f"top1_by_{key.replace('.', '_')}.png"
+        figures.append(
+            (
+                f"Top-1 against {key}",
+                plots.by_key(long, key, f"{comparison.accuracy.value} top-1", out / name),
+            )
+        )
+    written += [path for _, path in figures]
+    written.append(_write_markdown(comparison, figures, out / "compare.md"))
+    return written
+
+
+def _write_markdown(comparison: Comparison, figures: list[tuple[str, Path]], path: Path) -> Path:
+    lines = [f"# {comparison.title}", "", "## Settings", ""]
+    lines += [f"- {line}" for line in comparison.settings]
+    for view in comparison.views:
+        lines += [
+            "",
+            f"## {view.heading}",
+            "",
+            tables.markdown(view.frame, caption=view.caption or None).rstrip(),
+        ]
+    for heading, figure in figures:
+        lines += ["", f"## {heading}", "", f"![{heading}]({figure.name})"]
+    lines += ["", "Every column of every row: `compare.csv` and `compare.json`.", ""]
+    text = "\n".join(lines)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot write the report ({err.strerror})") from None
+    return path

@@ -1,0 +1,217 @@
+"""compare: run directories in the real format read back, the table's numbers and ratios checked by
+hand, half-written runs named in clear errors, the plots written and readable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+from fixtures_runs import write_run
+
+from gsa_cli.choices import Accuracy
+from gsa_cli.compare import (
+    GMACS_COUNTED,
+    GMACS_FROM_SUMMARY,
+    compare_runs,
+    read_run,
+    split_inputs,
+    write_report,
+)
+from gsa_cli.errors import ConfigError, GsaError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> list[Path]:
+    conv = write_run(
+        tmp_path / "conv", kind="conv", val_top1=[50.0, 80.0, 78.0], params=1000, gmacs=2.0, wall_time_s=100.0
+    )
+    gsa = write_run(
+        tmp_path / "gsa",
+        kind="gsa",
+        val_top1=[60.0, 70.0, 84.0],
+        params=600,
+        gmacs=1.5,
+        wall_time_s=150.0,
+        eval_top1=83.5,
+    )
+    return [conv, gsa]
+
+
+def test_runs_table_holds_their_numbers_and_ratios_to_the_first(two_runs: list[Path]) -> None:
+    comparison = compare_runs(two_runs)
+    frame = comparison.frame.set_index("run")
+    assert list(frame.index) == ["conv", "gsa"]
+    assert frame.loc["conv", "best_top1"] == 80.0
+    assert frame.loc["conv", "best_epoch"] == 2
+    assert frame.loc["conv", "final_top1"] == 78.0
+    assert frame.loc["gsa", "best_top1"] == frame.loc["gsa", "final_top1"] == 84.0
+    assert frame.loc["gsa", "eval_top1"] == 83.5
+    assert pd.isna(frame.loc["conv", "eval_top1"])  # no eval.json
+    assert frame.loc["gsa", "params_ratio"] == pytest.approx(0.6)
+    assert frame.loc["gsa", "gmacs_ratio"] == pytest.approx(0.75)
+    assert frame.loc["gsa", "wall_time_s_ratio"] == pytest.approx(1.5)
+    assert frame.loc["gsa", "best_top1_delta"] == pytest.approx(4.0)
+    assert frame.loc["gsa", "final_top1_delta"] == pytest.approx(6.0)
+    assert frame.loc["conv", "params_ratio"] == 1.0
+    assert frame.loc["conv", "best_top1_delta"] == 0.0
+    assert set(frame["gmacs_source"]) == {GMACS_FROM_SUMMARY}
+    assert comparison.curves["conv"] == [(1, 50.0), (2, 80.0), (3, 78.0)]
+
+    view = comparison.views[0]
+    assert "params / conv" in view.frame.columns
+    assert "best top-1 - conv (points)" in view.frame.columns
+    assert view.frame["epochs"].tolist() == ["3/3", "3/3"]
+    assert "preset: smoke" in view.caption  # what both runs share is lifted into the caption
+    assert "preset" not in view.frame.columns
+
+
+def test_report_files_read_back_and_the_markdown_embeds_the_plots(
+    two_runs: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    written = write_report(compare_runs(two_runs), out)
+    names = [path.name for path in written]
+    assert names == [
+        "compare.csv",
+        "compare.json",
+        "accuracy_vs_cost.png",
+        "learning_curves.png",
+        "compare.md",
+    ]
+    frame = pd.read_csv(out / "compare.csv")
+    assert frame["gmacs_ratio"].tolist() == pytest.approx([1.0, 0.75])
+    records = json.loads((out / "compare.json").read_text())
+    assert [record["best_top1"] for record in records] == [80.0, 84.0]
+    for name in ("accuracy_vs_cost.png", "learning_curves.png"):
+        pixels = matplotlib.image.imread(out / name)
+        assert pixels.ndim == 3
+        assert pixels.shape[0] > 300
+        assert pixels.shape[1] > 500
+        assert pixels.std() > 0  # something is drawn
+    report = (out / "compare.md").read_text()
+    assert "![Top-1 against cost](accuracy_vs_cost.png)" in report
+    assert "![Learning curves](learning_curves.png)" in report
+    assert "| conv | conv | 3/3 | 80 | 2 |" in report
+
+
+def test_missing_gmacs_are_counted_from_the_config_and_labelled(tmp_path: Path) -> None:
+    from gsa_cli import build_model
+    from gsa_cli.macs import count_macs
+    from gsa_cli.presets import load_preset
+
+    run = write_run(tmp_path / "old", kind="gsa", val_top1=[10.0], params=1, gmacs=None)
+    frame = compare_runs([run]).frame
+    count = count_macs(build_model(load_preset("smoke", model="gsa")), img_size=16)
+    assert frame["gmacs"].iloc[0] == pytest.approx(count.total / 1e9)
+    assert frame["gmacs_source"].iloc[0] == GMACS_COUNTED
+
+
+def test_by_key_tabulates_top1_against_the_config_value_per_model(tmp_path: Path) -> None:
+    runs = []
+    for kind, distance, top1 in (
+        ("conv", 6, [90.0]),
+        ("conv", 20, [52.0]),
+        ("gsa", 6, [96.0]),
+        ("gsa", 20, [94.0]),
+        ("gsa", 20, [98.0]),  # a second seed: the table shows the mean
+    ):
+        name = f"{kind}-{distance}-{len(runs)}"
+        overrides = [f"data.distance=[{distance}, {distance}]", "data.train_samples=8", "data.val_samples=8"]
+        runs.append(
+            write_run(
+                tmp_path / name,
+                kind=kind,
+                val_top1=top1,
+                params=10,
+                gmacs=0.1,
+                preset="longrange",
+                overrides=overrides,
+            )
+        )
+    comparison = compare_runs(runs, by="data.distance", accuracy=Accuracy.FINAL)
+    assert comparison.frame["by_value"].tolist() == ["6", "20", "6", "20", "20"]
+    wide = comparison.views[-1].frame.set_index("data.distance")
+    assert wide.loc["6", "conv"] == 90.0
+    assert wide.loc["20", "conv"] == 52.0
+    assert wide.loc["20", "gsa"] == pytest.approx(96.0)
+    assert "mean" in comparison.views[-1].caption
+    assert comparison.by is not None
+    long = comparison.by[1]
+    assert long["by_x"].tolist() == [6.0, 6.0, 20.0, 20.0]  # sorted by the value
+    row = long[(long["model"] == "gsa") & (long["by_value"] == "20")].iloc[0]
+    assert (row["top1_min"], row["top1_max"], row["runs"]) == (94.0, 98.0, 2)
+    written = write_report(comparison, tmp_path / "out")
+    assert (tmp_path / "out" / "top1_by_data_distance.png") in written
+    assert (
+        "![Top-1 against data.distance](top1_by_data_distance.png)"
+        in (tmp_path / "out" / "compare.md").read_text()
+    )
+
+
+def test_by_key_a_run_lacks_is_named(two_runs: list[Path]) -> None:
+    with pytest.raises(ConfigError, match=r"--by data\.nope: .*conv/config\.yaml has no such key"):
+        compare_runs(two_runs, by="data.nope")
+
+
+def test_inputs_are_kinds_or_directories_never_both(two_runs: list[Path]) -> None:
+    assert split_inputs(["conv", "vs", "gsa"]).kinds == ("conv", "gsa")
+    assert split_inputs(["conv", "gsa", "full"]).kinds == ("conv", "gsa", "full")
+    glob = str(two_runs[0].parent / "*")
+    assert split_inputs([glob]).runs == tuple(two_runs)
+    with pytest.raises(ConfigError, match="model kinds or run directories, not both"):
+        split_inputs(["conv", str(two_runs[1])])
+    with pytest.raises(ConfigError, match="cnv: neither a model kind"):
+        split_inputs(["cnv", "gsa"])
+    with pytest.raises(ConfigError, match="matches no run directory"):
+        split_inputs([str(two_runs[0].parent / "nothing*")])
+    with pytest.raises(ConfigError, match="gsa named more than once"):
+        split_inputs(["gsa", "vs", "gsa"])
+    with pytest.raises(ConfigError, match="nothing to compare"):
+        split_inputs(["vs"])
+
+
+def test_half_written_run_directories_are_named(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", kind="conv", val_top1=[50.0, 60.0], params=1, gmacs=1.0)
+    with pytest.raises(ConfigError, match=r"nope: not a run directory \(no such folder\)"):
+        read_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GsaError, match="empty: not a run directory"):
+        read_run(tmp_path / "empty")
+
+    summary = (run / "summary.json").read_text()
+    (run / "summary.json").unlink()  # killed during the first epoch: only config.yaml and metrics.csv
+    with pytest.raises(GsaError, match=r"run: half-written run directory: summary\.json missing"):
+        read_run(run)
+    (run / "summary.json").write_text(summary[: len(summary) // 2])  # cut short
+    with pytest.raises(GsaError, match=r"run/summary\.json: unreadable"):
+        read_run(run)
+    (run / "summary.json").write_text(json.dumps({**json.loads(summary), "epochs_done": 3}))
+    with pytest.raises(GsaError, match=r"says 3 epochs done, metrics\.csv has 2"):
+        read_run(run)
+    (run / "summary.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(GsaError, match="no model_kind, epochs, epochs_done"):
+        read_run(run)
+
+
+def test_comparing_runs_does_not_import_torch(two_runs: list[Path]) -> None:
+    runs = ", ".join(f"Path({str(run)!r})" for run in two_runs)
+    out = str(two_runs[0].parent / "out")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from gsa_cli.compare import compare_runs, write_report\n"
+        f"write_report(compare_runs([{runs}]), Path({out!r}))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert (Path(out) / "compare.md").is_file()
