@@ -534,7 +534,8 @@ def compare_command(
     another. `gsa compare RUN_DIR...` reads runs written by `gsa train`.
     """
     from gsa_cli import tables
-    from gsa_cli.compare import compare_kinds, compare_runs, split_inputs, write_report
+    from gsa_cli.compare import compare_kinds, compare_runs, split_inputs
+    from gsa_cli.report import write_report
 
     inputs = split_inputs(targets)
     if inputs.kinds:

@@ -4,7 +4,7 @@
 :func:`gsa_cli.profile.profile`, one kind after another in this process) and ``gsa compare RUN_DIR ...``
 reads run directories (:func:`compare_runs`). Both give a :class:`Comparison`: a frame with every
 column (for ``compare.csv`` and ``compare.json``), readable tables with each row's ratio to the first
-kind or run, and what the plots need; :func:`write_report` writes the files and the Markdown report.
+kind or run, and what the plots need; :func:`gsa_cli.report.write_report` writes the files.
 
 Nothing here imports torch at module level: comparing existing runs starts fast. Profiling imports it
 when called, and so does counting a run's multiply-adds when its ``summary.json`` does not record them.
@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import yaml
 
 from gsa_cli import tables
 from gsa_cli.choices import Accuracy
 from gsa_cli.config import ModelKind
-from gsa_cli.errors import ConfigError, GsaError
-from gsa_cli.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, EpochMetrics, RunDir
+from gsa_cli.errors import ConfigError
+from gsa_cli.results import CONFIG_FILE, RunRecord, read_run
 
 if TYPE_CHECKING:
     from gsa_cli.config import Config
@@ -37,8 +36,6 @@ KINDS = tuple(kind.value for kind in ModelKind)
 VS = "vs"  # `gsa compare conv vs gsa`: sugar, dropped
 GMACS_FROM_SUMMARY = "summary.json"
 GMACS_COUNTED = "counted now from config.yaml (fvcore)"  # summary.json did not record them
-# Summary fields a comparison reads; a summary without them was not written by a finished epoch.
-SUMMARY_FIELDS = ("model_kind", "epochs", "epochs_done", "best_top1", "final_top1", "parameters")
 
 
 @dataclass(frozen=True)
@@ -48,6 +45,7 @@ class TableView:
     heading: str
     frame: pd.DataFrame
     caption: str = ""
+    caption_in_report: bool = True  # False where the report's settings already say it
 
 
 @dataclass
@@ -238,7 +236,7 @@ def compare_kinds(
     headers.update({f"{column}_ratio": f"{KIND_HEADERS[column]} / {first}" for column in RATIO_COLUMNS})
     shown = frame.dropna(axis="columns", how="all")
     shown, caption = _lift(shown, KIND_CONTEXT + KIND_CONTEXT_MORE)
-    views = [TableView("Side by side", tables.view(shown, headers), caption)]
+    views = [TableView("Side by side", tables.view(shown, headers), caption, caption_in_report=False)]
     scaling = None
     if frame["img_size"].nunique() > 1:
         scaling = _scaling(frame)
@@ -270,57 +268,6 @@ def compare_kinds(
 
 # ---------------------------------------------------------------------------------------------------
 # Finished runs, read back.
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A run directory's records, read and checked."""
-
-    path: Path
-    summary: dict[str, Any]
-    metrics: list[EpochMetrics]
-    evaluation: dict[str, Any] | None
-    config: dict[str, Any]
-
-
-def read_run(path: Path) -> RunRecord:
-    """Read a run directory written by ``gsa train``.
-
-    Raises:
-        ConfigError: if ``path`` is not a folder.
-        GsaError: naming the folder, if it is not a run directory or is half-written (a record missing,
-            unreadable or inconsistent with the others).
-    """
-    run = RunDir(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: not a run directory (no such folder)")
-    needed = (run.config, run.metrics, run.summary)
-    missing = [file.name for file in needed if not file.is_file()]
-    if len(missing) == len(needed):
-        raise GsaError(f"{path}: not a run directory (no {', '.join(missing)}: written by gsa train)")
-    if missing:
-        raise GsaError(
-            f"{path}: half-written run directory: {', '.join(missing)} missing "
-            "(gsa train writes metrics.csv and summary.json after each epoch)"
-        )
-    summary = run.read_summary()
-    absent = [name for name in SUMMARY_FIELDS if name not in summary]
-    if absent:
-        raise GsaError(f"{run.summary}: half-written or not from gsa train: no {', '.join(absent)}")
-    metrics = run.read_metrics()
-    if len(metrics) != summary["epochs_done"]:
-        raise GsaError(
-            f"{path}: half-written run directory: {SUMMARY_FILE} says {summary['epochs_done']} epochs done, "
-            f"{METRICS_FILE} has {len(metrics)}"
-        )
-    try:
-        config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise GsaError(f"{run.config}: unreadable ({err})") from None
-    if not isinstance(config, dict):
-        raise GsaError(f"{run.config}: expected a mapping of config sections")
-    evaluation = run.read_eval() if run.eval.is_file() else None
-    return RunRecord(path, summary, metrics, evaluation, config)
 
 
 def config_value(record: RunRecord, key: str) -> Any:
@@ -491,7 +438,7 @@ def compare_runs(
     )
     comparison.settings += [
         f"ratios over {labels[0]}; top-1 differences in percentage points",
-        f"GMACs per image at the run's image size, batch 1: {', '.join(sorted(sources))}",
+        "GMACs: per image at the run's image size, batch 1, eval mode",
     ]
     if by is not None:
         long = _by_frame(frame, accuracy)
@@ -513,81 +460,3 @@ def _describe(record: RunRecord) -> str:
         f"after {summary['epochs_done']}/{summary['epochs']} epochs"
         + ("" if record.evaluation is None else f", evaluated ({record.evaluation.get('weights')} weights)")
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files.
-
-
-def write_report(comparison: Comparison, out: Path) -> list[Path]:
-    """Write ``compare.csv``, ``compare.json``, the PNG plots and ``compare.md`` (which embeds them).
-
-    Returns:
-        The paths written, the report last.
-
-    Raises:
-        ConfigError: if ``out`` cannot be written.
-    """
-    from gsa_cli import plots
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-    written = [
-        tables.write(comparison.frame, out / "compare.csv"),
-        tables.write(comparison.frame, out / "compare.json"),
-    ]
-    figures: list[tuple[str, Path]] = []
-    if comparison.scaling is not None:
-        figures.append(
-            (
-                "Throughput and memory against resolution",
-                plots.scaling(comparison.scaling, out / "scaling.png"),
-            )
-        )
-    if comparison.curves:
-        label = f"{comparison.accuracy.value} top-1"
-        column = ACCURACY_COLUMNS[comparison.accuracy]
-        figures.append(
-            (
-                "Top-1 against cost",
-                plots.accuracy_vs_cost(comparison.frame, column, label, out / "accuracy_vs_cost.png"),
-            )
-        )
-        figures.append(
-            ("Learning curves", plots.learning_curves(comparison.curves, out / "learning_curves.png"))
-        )
-    if comparison.by is not None:
-        key, long = comparison.by
-        name = f"top1_by_{key.replace('.', '_')}.png"
-        figures.append(
-            (
-                f"Top-1 against {key}",
-                plots.by_key(long, key, f"{comparison.accuracy.value} top-1", out / name),
-            )
-        )
-    written += [path for _, path in figures]
-    written.append(_write_markdown(comparison, figures, out / "compare.md"))
-    return written
-
-
-def _write_markdown(comparison: Comparison, figures: list[tuple[str, Path]], path: Path) -> Path:
-    lines = [f"# {comparison.title}", "", "## Settings", ""]
-    lines += [f"- {line}" for line in comparison.settings]
-    for view in comparison.views:
-        lines += [
-            "",
-            f"## {view.heading}",
-            "",
-            tables.markdown(view.frame, caption=view.caption or None).rstrip(),
-        ]
-    for heading, figure in figures:
-        lines += ["", f"## {heading}", "", f"![{heading}]({figure.name})"]
-    lines += ["", "Every column of every row: `compare.csv` and `compare.json`.", ""]
-    text = "\n".join(lines)
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot write the report ({err.strerror})") from None
-    return path

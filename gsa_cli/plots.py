@@ -56,8 +56,8 @@ def _pixel_ticks(axis: Any, sizes: list[int]) -> None:
 def scaling(frame: pd.DataFrame, path: Path) -> Path:
     """Log-log: GMACs per image, images/s and peak memory against image size, a line per model kind.
 
-    Inference is drawn solid, a training step dashed; a grey guide line shows a cost growing with the
-    pixel count (slope 2 against the side), for reading off linear against quadratic growth.
+    Inference is drawn solid, a training step dashed; grey guide lines show a cost growing with the
+    pixel count and with its square, for reading off linear against quadratic growth.
     """
     sizes = sorted(int(size) for size in frame["img_size"].unique())
     figure = _figure(14, 4.2)
@@ -83,9 +83,11 @@ def scaling(frame: pd.DataFrame, path: Path) -> Path:
         axis.set_ylabel(f"{ylabel}, log scale")
         axis.grid(True, which="both", alpha=0.3)
     if frame["gmacs"].notna().any():
-        start = frame.loc[frame["img_size"] == sizes[0], "gmacs"].min()
-        guide = [start * (size / sizes[0]) ** 2 for size in sizes]
-        axes[0].plot(sizes, guide, ":", color="grey", label="∝ pixels (linear)")
+        # Reference slopes below the lowest line: a cost linear in the pixel count, and a quadratic one.
+        start = 0.6 * frame.loc[frame["img_size"] == sizes[0], "gmacs"].min()
+        for power, style, name in ((1, ":", "∝ pixels"), (2, "-.", "∝ pixels²")):
+            guide = [start * (size / sizes[0]) ** (2 * power) for size in sizes]
+            axes[0].plot(sizes, guide, style, color="grey", label=name)
     axes[0].set_title("Multiply-adds")
     axes[1].set_title("Throughput")
     memory = str(frame["memory"].iloc[0]) if "memory" in frame else ""

@@ -9,6 +9,8 @@ A run directory holds everything one ``gsa train`` produced::
     last.pt         the checkpoint after the latest epoch (or at an interruption)
     best.pt         the checkpoint of the epoch with the best validation top-1
 
+:func:`read_run` reads a whole run back and checks it (``gsa compare``), naming a half-written one.
+
 Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
 crash leaves either the previous version or the new one, never half a file. Checkpoints themselves
 are torch files and are written by :mod:`gsa_cli.engine` through :func:`atomic_path`.
@@ -29,7 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gsa_cli.errors import GsaError
+import yaml
+
+from gsa_cli.errors import ConfigError, GsaError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -274,3 +278,61 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise GsaError(f"{path}: expected a JSON object")
     return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# A whole run, read back and checked (``gsa compare``).
+
+# Fields of summary.json that a reader of finished epochs relies on.
+SUMMARY_FIELDS = ("model_kind", "epochs", "epochs_done", "best_top1", "final_top1", "parameters")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run directory's records, read and checked."""
+
+    path: Path
+    summary: dict[str, Any]
+    metrics: list[EpochMetrics]
+    evaluation: dict[str, Any] | None
+    config: dict[str, Any]
+
+
+def read_run(path: Path) -> RunRecord:
+    """Read a run directory written by ``gsa train``.
+
+    Raises:
+        ConfigError: if ``path`` is not a folder.
+        GsaError: naming the folder, if it is not a run directory or is half-written (a record missing,
+            unreadable or inconsistent with the others).
+    """
+    run = RunDir(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a run directory (no such folder)")
+    needed = (run.config, run.metrics, run.summary)
+    missing = [file.name for file in needed if not file.is_file()]
+    if len(missing) == len(needed):
+        raise GsaError(f"{path}: not a run directory (no {', '.join(missing)}: written by gsa train)")
+    if missing:
+        raise GsaError(
+            f"{path}: half-written run directory: {', '.join(missing)} missing "
+            "(gsa train writes metrics.csv and summary.json after each epoch)"
+        )
+    summary = run.read_summary()
+    absent = [name for name in SUMMARY_FIELDS if name not in summary]
+    if absent:
+        raise GsaError(f"{run.summary}: half-written or not from gsa train: no {', '.join(absent)}")
+    metrics = run.read_metrics()
+    if len(metrics) != summary["epochs_done"]:
+        raise GsaError(
+            f"{path}: half-written run directory: {SUMMARY_FILE} says {summary['epochs_done']} epochs done, "
+            f"{METRICS_FILE} has {len(metrics)}"
+        )
+    try:
+        config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise GsaError(f"{run.config}: unreadable ({err})") from None
+    if not isinstance(config, dict):
+        raise GsaError(f"{run.config}: expected a mapping of config sections")
+    evaluation = run.read_eval() if run.eval.is_file() else None
+    return RunRecord(path, summary, metrics, evaluation, config)

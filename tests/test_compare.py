@@ -14,15 +14,10 @@ import pytest
 from fixtures_runs import write_run
 
 from gsa_cli.choices import Accuracy
-from gsa_cli.compare import (
-    GMACS_COUNTED,
-    GMACS_FROM_SUMMARY,
-    compare_runs,
-    read_run,
-    split_inputs,
-    write_report,
-)
+from gsa_cli.compare import GMACS_COUNTED, GMACS_FROM_SUMMARY, compare_runs, split_inputs
 from gsa_cli.errors import ConfigError, GsaError
+from gsa_cli.report import write_report
+from gsa_cli.results import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,7 +201,8 @@ def test_comparing_runs_does_not_import_torch(two_runs: list[Path]) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from gsa_cli.compare import compare_runs, write_report\n"
+        "from gsa_cli.compare import compare_runs\n"
+        "from gsa_cli.report import write_report\n"
         f"write_report(compare_runs([{runs}]), Path({out!r}))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

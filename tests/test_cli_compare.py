@@ -1,0 +1,123 @@
+"""`gsa compare` driven through the command line: kinds profiled, runs read back, files read back,
+misplaced inputs and options refused in one clear line."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+from fixtures_runs import write_run
+from typer.testing import CliRunner
+
+from gsa_cli.cli import app
+from gsa_cli.presets import count_parameters, load_preset
+
+runner = CliRunner()
+QUICK = ["--preset", "smoke", "--device", "cpu", "--warmup", "0", "--iters", "1", "--batch-size", "2"]
+
+
+def one_error_line(result: object) -> str:
+    stderr = getattr(result, "stderr", "")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_kinds_profiled_side_by_side_with_a_scaling_plot(tmp_path: Path) -> None:
+    out = tmp_path / "kinds"
+    args = ["compare", "conv", "vs", "gsa", *QUICK, "--img-size", "16,24", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "gsa compare: conv vs gsa (smoke)" in result.stdout
+    assert "params / conv" in result.stdout
+
+    frame = pd.read_csv(out / "compare.csv")
+    assert frame["model"].tolist() == ["conv", "conv", "gsa", "gsa"]
+    assert frame["img_size"].tolist() == [16, 24, 16, 24]
+    conv_params = count_parameters(load_preset("smoke", model="conv"))
+    gsa_params = count_parameters(load_preset("smoke", model="gsa"))
+    assert frame["params"].iloc[0] == conv_params
+    assert frame["params"].iloc[2] == gsa_params  # the preset's own size, 16 px
+    assert frame["params_ratio"].iloc[2] == pytest.approx(gsa_params / conv_params)
+    assert frame["params_ratio"].iloc[:2].tolist() == [1.0, 1.0]
+    gsa_24 = frame.iloc[3]
+    conv_24 = frame.iloc[1]
+    assert gsa_24["gmacs_ratio"] == pytest.approx(gsa_24["gmacs"] / conv_24["gmacs"])
+    assert gsa_24["infer_img_s_ratio"] == pytest.approx(gsa_24["infer_img_s"] / conv_24["infer_img_s"])
+    assert frame["train_img_s"].gt(0).all()
+    assert set(frame["device"].str.len()) != {0}
+    assert json.loads((out / "compare.json").read_text())[3]["model"] == "gsa"
+
+    pixels = matplotlib.image.imread(out / "scaling.png")
+    assert pixels.ndim == 3
+    assert pixels.shape[1] > 1000  # three panels side by side
+    report = (out / "compare.md").read_text()
+    assert "![Throughput and memory against resolution](scaling.png)" in report
+    assert "## Scaling with resolution" in report
+    assert "- preset: smoke" in report
+
+
+def test_any_number_of_kinds_and_markdown_output() -> None:
+    args = ["compare", "conv", "gsa", "full", *QUICK, "--mode", "infer", "--format", "md"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "### Side by side" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| conv", "| gsa", "| full"))]
+    assert [row.split(" | ")[0] for row in rows] == ["| conv", "| gsa", "| full"]
+    assert "train img/s" not in result.stdout  # not timed
+    assert "Scaling" not in result.stdout  # one image size
+
+
+def test_runs_read_back_with_accuracy_and_ratios(tmp_path: Path) -> None:
+    conv = write_run(tmp_path / "digits-conv", kind="conv", val_top1=[90.0, 97.5], params=800, gmacs=0.04)
+    gsa = write_run(tmp_path / "digits-gsa", kind="gsa", val_top1=[92.0, 98.5], params=600, gmacs=0.03)
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["compare", str(conv), str(gsa), "--out", str(out), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "compare.csv")
+    assert frame["run"].tolist() == ["digits-conv", "digits-gsa"]
+    assert frame["params_ratio"].tolist() == pytest.approx([1.0, 0.75])
+    assert frame["best_top1_delta"].tolist() == pytest.approx([0.0, 1.0])
+    assert pd.read_csv(io.StringIO(result.stdout))["run"].tolist() == frame["run"].tolist()
+    for name in ("accuracy_vs_cost.png", "learning_curves.png"):
+        assert matplotlib.image.imread(out / name).ndim == 3
+        assert f"]({name})" in (out / "compare.md").read_text()
+
+
+def test_no_out_means_only_the_terminal_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "a", kind="conv", val_top1=[50.0], params=2, gmacs=1.0)
+    write_run(tmp_path / "b", kind="gsa", val_top1=[55.0], params=1, gmacs=1.0)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["compare", "*"])  # a glob, as a shell that found no match passes it
+    assert result.exit_code == 0, result.output
+    assert "gsa compare: a vs b" in result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["conv", "{run}"], "compare model kinds or run directories, not both"),
+        (["conv", "cnv"], "cnv: neither a model kind (gsa, conv, full) nor an existing run directory"),
+        (["{run}", "--img-size", "32"], "--img-size: for model kinds, not run directories"),
+        (["{run}", "--preset", "cifar26"], "--preset: for model kinds, not run directories"),
+        (["conv", "gsa", "--by", "data.distance"], "--by: for run directories, not model kinds"),
+        (["{run}", "--by", "data.nope"], "--by data.nope: "),
+        (["{empty}"], "empty: not a run directory"),
+        (["conv", "gsa", "--preset", "smoke", "--img-size", "0"], "image size must be at least 1"),
+    ],
+)
+def test_misplaced_inputs_give_one_clear_line_and_exit_2_or_1(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    run = write_run(tmp_path / "run", kind="conv", val_top1=[50.0], params=2, gmacs=1.0)
+    (tmp_path / "empty").mkdir()
+    args = [arg.format(run=run, empty=tmp_path / "empty") for arg in args]
+    result = runner.invoke(app, ["compare", *args])
+    assert message in one_error_line(result)
+    assert result.exit_code == (1 if "empty" in message else 2)
