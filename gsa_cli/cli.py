@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -583,8 +582,4 @@ def compare_command(
 
 def main() -> None:
     """Entry point of the ``gsa`` console script."""
-    # OpenMP threads that spin while waiting made CPU training and evaluation 20-30x slower on a shared
-    # 2-core virtual machine (25 against 750 images/s evaluating the digits model); sleeping threads do
-    # not. Set before torch is imported; OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

@@ -79,6 +79,7 @@ class RunSummary:
     final_top5: float | None
     final_val_loss: float | None
     parameters: int
+    gmacs: float | None  # multiply-adds of one image, in G: fvcore, batch 1, eval mode (None: not counted)
     wall_time_s: float  # training time summed over sessions (a resumed run adds up)
     images_per_s: float | None  # mean training throughput over the epochs done
     device: str

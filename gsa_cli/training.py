@@ -213,6 +213,17 @@ def _versions() -> dict[str, str | None]:
     }
 
 
+def _count_gmacs(model: nn.Module, config: Config) -> float | None:
+    """Multiply-adds of one image in G (fvcore, batch 1, eval mode), or None where it cannot count."""
+    from gsa_cli.macs import count_macs
+
+    try:
+        count = count_macs(model, img_size=config.data.img_size, channels=config.data.channels)
+    except GsaError:
+        return None  # the summary says "not counted" rather than a wrong number
+    return count.total / 1e9
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training.
 
@@ -294,6 +305,7 @@ def _train(
     seed_everything(recipe.seed)
     model = build_model(config)
     parameters = sum(p.numel() for p in model.parameters())
+    gmacs = _count_gmacs(model, config) if world.is_main else None
     if options.sync_bn and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
     if options.sync_bn and world.distributed:
@@ -387,6 +399,7 @@ def _train(
             final_top5=final.val_top5 if final else None,
             final_val_loss=final.val_loss if final else None,
             parameters=parameters,
+            gmacs=gmacs,
             wall_time_s=round(wall_time(), 3),
             images_per_s=sum(speeds) / len(speeds) if speeds else None,
             device=device_name(device),

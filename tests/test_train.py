@@ -113,7 +113,11 @@ def test_one_epoch_on_an_image_folder_through_the_cli(tmp_path: Path) -> None:
     assert summary["epochs_done"] == 1
     assert summary["final_top1"] == float(rows[0]["val_top1"])
     assert summary["parameters"] > 0
-    assert "gmacs" not in summary  # wired to the profile module at merge
+    from gsa_cli import build_model, load_preset
+    from gsa_cli.macs import count_macs
+
+    counted = count_macs(build_model(load_preset("smoke", overrides=["data.num_classes=3"])), img_size=16)
+    assert summary["gmacs"] == pytest.approx(counted.total / 1e9)
     files = {p.name for p in out.iterdir()}
     assert files == {"config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt"}
     # The saved config loads back to the same config (under the file's own name).

@@ -62,7 +62,7 @@ class AxialRelativeAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         queries, values, pairs = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad = grad.to(queries.dtype)
+        grad = grad.to(queries.dtype).contiguous()  # (h, M, A, c); bmm on odd strides copies per matrix
         need_q, need_v, need_p = ctx.needs_input_grad  # type: ignore[attr-defined]
         grad_q, grad_v, grad_p = [], [], []
         for head in range(queries.shape[0]):
