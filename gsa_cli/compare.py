@@ -34,8 +34,10 @@ if TYPE_CHECKING:
 
 KINDS = tuple(kind.value for kind in ModelKind)
 VS = "vs"  # `gsa compare conv vs gsa`: sugar, dropped
+# Where a run's GMACs come from (the table's caption says it).
 GMACS_FROM_SUMMARY = "summary.json"
-GMACS_COUNTED = "counted now from config.yaml (fvcore)"  # summary.json did not record them
+GMACS_COUNTED = "counted now from config.yaml (fvcore)"  # a summary.json written before it had them
+GMACS_NOT_COUNTED = "not counted (gsa train could not)"  # summary.json holds null
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,7 @@ def config_value(record: RunRecord, key: str) -> Any:
 
 
 def _count_gmacs(record: RunRecord) -> float | None:
-    """Multiply-adds of one image for the run's config, counted now (imports torch)."""
+    """Multiply-adds of one image for the run's config, in G, counted now (imports torch)."""
     from gsa_cli import build_model
     from gsa_cli.macs import count_macs
     from gsa_cli.presets import load_preset
@@ -296,10 +298,13 @@ def _count_gmacs(record: RunRecord) -> float | None:
 
 
 def _gmacs(record: RunRecord) -> tuple[float | None, str]:
-    value = record.summary.get("gmacs")
+    """The run's GMACs and where they come from: its summary, or counted now for an older run."""
+    if "gmacs" not in record.summary:
+        return _count_gmacs(record), GMACS_COUNTED
+    value = record.summary["gmacs"]
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value), GMACS_FROM_SUMMARY
-    return _count_gmacs(record), GMACS_COUNTED
+    return None, GMACS_NOT_COUNTED
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 
 from gsa_cli.config import config_to_yaml
@@ -24,7 +23,8 @@ def write_run(
     overrides: Sequence[str] = (),
     eval_top1: float | None = None,
 ) -> Path:
-    """A finished run of ``len(val_top1)`` epochs; ``gmacs`` None leaves it out of summary.json."""
+    """A finished run of ``len(val_top1)`` epochs; ``gmacs`` None leaves it out of summary.json, as
+    runs written before summary.json had the field."""
     config = load_preset(preset, model=kind, overrides=overrides)
     run = RunDir(path)
     run.create()
@@ -75,14 +75,11 @@ def write_run(
         "started": now_iso(),
         "updated": now_iso(),
     }
-    names = {field.name for field in fields(RunSummary)}
-    run.write_summary(RunSummary(**{k: v for k, v in values.items() if k in names}))  # type: ignore[arg-type]
-    summary = json.loads(run.summary.read_text())
+    run.write_summary(RunSummary(**values))  # type: ignore[arg-type]
     if gmacs is None:
-        summary.pop("gmacs", None)
-    else:
-        summary["gmacs"] = gmacs  # the field `gsa train` records once summary.json carries it
-    run.summary.write_text(json.dumps(summary, indent=2))
+        summary = json.loads(run.summary.read_text())
+        del summary["gmacs"]
+        run.summary.write_text(json.dumps(summary, indent=2))
     if eval_top1 is not None:
         report = EvalReport(
             checkpoint=str(run.best),

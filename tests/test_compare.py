@@ -96,7 +96,7 @@ def test_report_files_read_back_and_the_markdown_embeds_the_plots(
     assert "| conv | conv | 3/3 | 80 | 2 |" in report
 
 
-def test_missing_gmacs_are_counted_from_the_config_and_labelled(tmp_path: Path) -> None:
+def test_gmacs_an_older_summary_lacks_are_counted_from_the_config_and_labelled(tmp_path: Path) -> None:
     from gsa_cli import build_model
     from gsa_cli.macs import count_macs
     from gsa_cli.presets import load_preset
@@ -106,6 +106,15 @@ def test_missing_gmacs_are_counted_from_the_config_and_labelled(tmp_path: Path) 
     count = count_macs(build_model(load_preset("smoke", model="gsa")), img_size=16)
     assert frame["gmacs"].iloc[0] == pytest.approx(count.total / 1e9)
     assert frame["gmacs_source"].iloc[0] == GMACS_COUNTED
+
+
+def test_gmacs_gsa_train_could_not_count_stay_missing(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", kind="gsa", val_top1=[10.0], params=1, gmacs=None)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "gmacs": None}))
+    comparison = compare_runs([run])
+    assert pd.isna(comparison.frame["gmacs"].iloc[0])
+    assert "GMACs: not counted (gsa train could not)" in comparison.views[0].caption
 
 
 def test_by_key_tabulates_top1_against_the_config_value_per_model(tmp_path: Path) -> None:
