@@ -420,7 +420,7 @@ def compare_runs(
 
     headers = dict(RUN_HEADERS, by_value=by or "")
     headers.update({f"{c}_ratio": f"{RUN_HEADERS[c].removesuffix(' s')} / {labels[0]}" for c in RUN_RATIOS})
-    headers.update({f"{c}_delta": f"{RUN_HEADERS[c][:-2]} - {labels[0]} (points)" for c in RUN_DELTAS})
+    headers.update({f"{c}_delta": f"Δ {RUN_HEADERS[c][:-2]} vs {labels[0]} (points)" for c in RUN_DELTAS})
     shown = frame.assign(
         epochs_text=[f"{d}/{n}" for d, n in zip(frame["epochs_done"], frame["epochs"], strict=True)]
     )

@@ -101,6 +101,21 @@ def scaling(frame: pd.DataFrame, path: Path) -> Path:
     return _save(figure, path)
 
 
+def _count(value: float) -> str:
+    """A parameter count for a tick: 540k, 1.2M."""
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:g}M"
+    return f"{value / 1e3:g}k" if abs(value) >= 1e3 else f"{value:g}"
+
+
+def _at_least_one_point(axis: Any, top1: pd.Series) -> None:
+    """A y range of at least one percentage point, so that a difference of 0.04 does not fill the plot."""
+    low, high = axis.get_ylim()
+    middle = (top1.min() + top1.max()) / 2
+    if high - low < 1 and not pd.isna(middle):
+        axis.set_ylim(middle - 0.5, middle + 0.5)
+
+
 def _kind_legend(axis: Any, kinds: list[str]) -> None:
     handles = [Line2D([], [], marker="o", linestyle="", color=colour(kind), label=kind) for kind in kinds]
     axis.legend(handles=handles, title="model", fontsize="small")
@@ -123,22 +138,29 @@ def accuracy_vs_cost(frame: pd.DataFrame, column: str, label: str, path: Path) -
         axis.grid(True, alpha=0.3)
         axis.margins(x=0.25, y=0.2)
         _kind_legend(axis, kinds)
-    if x_label := ("millions" if frame["params"].max() >= 1e6 else ""):
-        axes[1].xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1e6:g}M"))
-        axes[1].set_xlabel(f"parameters ({x_label})")
+    axes[1].xaxis.set_major_formatter(FuncFormatter(lambda value, _: _count(value)))
+    for axis in axes:
+        _at_least_one_point(axis, frame[column])
     axes[0].set_title(f"{label} against multiply-adds")
     axes[1].set_title(f"{label} against parameters")
     return _save(figure, path)
 
 
-def learning_curves(curves: Mapping[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Validation top-1 per epoch, a line per run."""
+def learning_curves(
+    curves: Mapping[str, list[tuple[int, float]]], kinds: Mapping[str, str], path: Path
+) -> Path:
+    """Validation top-1 per epoch, a line per run: coloured by model kind, runs of one kind dashed apart."""
     figure = _figure(7.5, 4.5)
     axis = figure.subplots()
+    styles = ("-", "--", ":", "-.")
+    seen: list[str] = []
     for name, points in curves.items():
+        kind = kinds.get(name, name)
+        style = styles[seen.count(kind) % len(styles)]
+        seen.append(kind)
         if points:
             epochs, top1 = zip(*points, strict=True)
-            axis.plot(epochs, top1, marker=".", label=name)
+            axis.plot(epochs, top1, style, marker=".", color=colour(kind), label=f"{name} ({kind})")
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation top-1 (%)")
     axis.set_title("Learning curves")

@@ -50,8 +50,9 @@ def write_report(comparison: Comparison, out: Path) -> list[Path]:
                 plots.accuracy_vs_cost(comparison.frame, column, label, out / "accuracy_vs_cost.png"),
             )
         )
+        kinds = dict(zip(comparison.frame["run"], comparison.frame["model"], strict=True))
         figures.append(
-            ("Learning curves", plots.learning_curves(comparison.curves, out / "learning_curves.png"))
+            ("Learning curves", plots.learning_curves(comparison.curves, kinds, out / "learning_curves.png"))
         )
     if comparison.by is not None:
         key, long = comparison.by

@@ -61,7 +61,7 @@ def test_runs_table_holds_their_numbers_and_ratios_to_the_first(two_runs: list[P
 
     view = comparison.views[0]
     assert "params / conv" in view.frame.columns
-    assert "best top-1 - conv (points)" in view.frame.columns
+    assert "Δ best top-1 vs conv (points)" in view.frame.columns
     assert view.frame["epochs"].tolist() == ["3/3", "3/3"]
     assert "preset: smoke" in view.caption  # what both runs share is lifted into the caption
     assert "preset" not in view.frame.columns
