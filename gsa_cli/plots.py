@@ -185,11 +185,16 @@ def by_key(long: pd.DataFrame, key: str, label: str, path: Path) -> Path:
         axis.errorbar(
             x, rows["top1"], yerr=spread, marker="o", capsize=3, color=colour(str(kind)), label=kind
         )
-    if not numeric:
-        axis.set_xticks(range(len(order)), order)
-    axis.set_xlabel(key)
+    ranges = any("-" in str(value)[1:] for value in order)  # [min, max] ranges: placed at the midpoint
+    if not numeric or ranges:
+        positions = long.drop_duplicates("by_value")["by_x"] if numeric else range(len(order))
+        axis.set_xticks(list(positions), order)
+    axis.set_xlabel(f"{key} (each range at its midpoint)" if numeric and ranges else key)
     axis.set_ylabel(f"{label} (%)")
-    axis.set_title(f"{label} against {key}")
+    several = bool(long["runs"].gt(1).any())
+    axis.set_title(
+        f"{label} against {key}" + ("\n(mean; bars from the lowest to the highest run)" if several else "")
+    )
     axis.grid(True, alpha=0.3)
     axis.legend(title="model", fontsize="small")
     return _save(figure, path)
