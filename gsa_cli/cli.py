@@ -568,8 +568,9 @@ def compare_command(
         written = write_report(comparison, out)
         error_console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)
     if fmt is OutputFormat.TABLE:
-        # A terminal wraps the tables to its width; a pipe or a log file gets them whole.
-        screen = console if console.is_terminal else Console(width=250)
+        # A terminal wraps the tables to its width; a pipe or a log file gets them whole (ratios make
+        # the table of kinds wide).
+        screen = console if console.is_terminal else Console(width=400)
         for number, view in enumerate(comparison.views):
             title = comparison.title if number == 0 else view.heading
             screen.print(tables.rich_table(view.frame, title=title, caption=view.caption or None))

@@ -160,11 +160,13 @@ KIND_HEADERS = {
     "params": "params",
     "gmacs": "GMACs",
     "infer_img_s": "infer img/s",
-    "infer_ms": "infer ms",
+    "infer_latency": "infer ms (IQR)",
     "train_img_s": "train img/s",
-    "train_ms": "train ms",
+    "train_latency": "train ms (IQR)",
     "infer_peak_mib": "infer peak MiB",
     "train_peak_mib": "train peak MiB",
+    "infer_cpu_wait_pct": "infer CPU wait %",
+    "train_cpu_wait_pct": "train CPU wait %",
     "status": "status",
 }
 KIND_CONTEXT = ("img_size", "batch", "status", "preset", "device", "torch", "precision", "layout")
@@ -179,6 +181,15 @@ SCALING_HEADERS = {
     "infer_peak_mib": "infer peak MiB",
     "train_peak_mib": "train peak MiB",
 }
+
+
+def _latency(frame: pd.DataFrame, mode: str) -> list[str | None]:
+    """``median (IQR)`` of a mode's latency per batch, as ``gsa profile`` shows it."""
+    pairs = zip(frame[f"{mode}_ms"], frame[f"{mode}_ms_iqr"], strict=True)
+    return [
+        None if pd.isna(ms) else f"{tables.format_value(ms)} ({tables.format_value(iqr)})"
+        for ms, iqr in pairs
+    ]
 
 
 def _with_kind_ratios(frame: pd.DataFrame) -> pd.DataFrame:
@@ -236,7 +247,8 @@ def compare_kinds(
     first = str(frame["model"].iloc[0])
     headers = dict(KIND_HEADERS)
     headers.update({f"{column}_ratio": f"{KIND_HEADERS[column]} / {first}" for column in RATIO_COLUMNS})
-    shown = frame.dropna(axis="columns", how="all")
+    shown = frame.assign(**{f"{mode}_latency": _latency(frame, mode) for mode in ("infer", "train")})
+    shown = shown.dropna(axis="columns", how="all")
     shown, caption = _lift(shown, KIND_CONTEXT + KIND_CONTEXT_MORE)
     views = [TableView("Side by side", tables.view(shown, headers), caption, caption_in_report=False)]
     scaling = None
