@@ -493,7 +493,7 @@ def compare_command(
         list[str],
         typer.Argument(
             help="Model kinds (conv vs gsa; the word vs is optional) or run directories (globs too).",
-            metavar="KIND... | RUN_DIR...",
+            metavar="KIND|RUN_DIR",
             show_default=False,
         ),
     ],
