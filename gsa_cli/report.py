@@ -37,7 +37,7 @@ def write_report(comparison: Comparison, out: Path) -> list[Path]:
     if comparison.scaling is not None:
         figures.append(
             (
-                "Throughput and memory against resolution",
+                "GMACs, throughput and memory against resolution (log-log)",
                 plots.scaling(comparison.scaling, out / "scaling.png"),
             )
         )
@@ -64,7 +64,7 @@ def write_report(comparison: Comparison, out: Path) -> list[Path]:
             )
         )
     written += [path for _, path in figures]
-    written.append(_write_markdown(comparison, figures, out / "compare.md"))
+    written.append(_write_markdown(comparison, figures, out / REPORT))
     return written
 
 

@@ -57,7 +57,7 @@ def test_kinds_profiled_side_by_side_with_a_scaling_plot(tmp_path: Path) -> None
     assert pixels.ndim == 3
     assert pixels.shape[1] > 1000  # three panels side by side
     report = (out / "compare.md").read_text()
-    assert "![Throughput and memory against resolution](scaling.png)" in report
+    assert "(log-log)](scaling.png)" in report
     assert "## Scaling with resolution" in report
     assert "- preset: smoke" in report
 
