@@ -544,6 +544,8 @@ def compare_command(
         from gsa_cli.profile import ProfileSettings
         from gsa_cli.runtime import Precision
 
+        if any(text.partition("=")[0].strip() == "model.kind" for text in overrides or ()):
+            raise ConfigError("--set model.kind: name the model kinds as arguments instead (conv vs gsa)")
         configs = [load_preset(preset, model=kind, overrides=overrides or ()) for kind in inputs.kinds]
         settings = ProfileSettings(
             device=device,

@@ -110,6 +110,7 @@ def test_no_out_means_only_the_terminal_table(tmp_path: Path, monkeypatch: pytes
         (["{run}", "--by", "data.nope"], "--by data.nope: "),
         (["{empty}"], "empty: not a run directory"),
         (["conv", "gsa", "--preset", "smoke", "--img-size", "0"], "image size must be at least 1"),
+        (["conv", "gsa", "--set", "model.kind=full"], "--set model.kind: name the model kinds as arguments"),
     ],
 )
 def test_misplaced_inputs_give_one_clear_line_and_exit_2_or_1(
