@@ -122,3 +122,33 @@ def test_misplaced_inputs_give_one_clear_line_and_exit_2_or_1(
     result = runner.invoke(app, ["compare", *args])
     assert message in one_error_line(result)
     assert result.exit_code == (1 if "empty" in message else 2)
+
+
+def test_runs_gsa_train_wrote_are_compared_as_recorded(tmp_path: Path) -> None:
+    for kind in ("conv", "gsa"):
+        args = [
+            "train",
+            "--preset",
+            "smoke",
+            "--model",
+            kind,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / kind),
+        ]
+        trained = runner.invoke(app, args)
+        assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["compare", str(tmp_path / "conv"), str(tmp_path / "gsa"), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    for record, kind in zip(records, ("conv", "gsa"), strict=True):
+        summary = json.loads((tmp_path / kind / "summary.json").read_text())
+        metrics = pd.read_csv(tmp_path / kind / "metrics.csv")
+        assert record["model"] == kind
+        assert record["params"] == count_parameters(load_preset("smoke", model=kind))
+        assert record["gmacs"] == summary["gmacs"] > 0
+        assert record["gmacs_source"] == "summary.json"
+        assert record["best_top1"] == metrics["val_top1"].max()
+        assert record["final_top1"] == metrics["val_top1"].iloc[-1]
+    assert records[1]["params_ratio"] == pytest.approx(records[1]["params"] / records[0]["params"])
