@@ -307,8 +307,10 @@ def test_compiles_without_graph_breaks() -> None:
     module = GlobalSelfAttention2d(8, 8, heads=2, span=6).train()
     x = torch.randn(2, 8, 6, 6)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    out.sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = compiled(x)
+        out.sum().backward()
+        compiled(torch.randn(2, 8, 6, 6)).sum().backward()  # the same graph again, no recompilation
     torch.testing.assert_close(out, module(x))
     assert module.rel_row.grad is not None
 

@@ -98,7 +98,7 @@ def test_the_preset_builds_balanced_data_sets_of_its_size() -> None:
     train, val = build_datasets(config, None)
     assert (len(train), len(val)) == (40, 20)
     image, _ = train[0]
-    assert tuple(image.shape) == (1, 32, 32)
+    assert tuple(image.shape) == (1, 24, 24)
     labels = [val[i][1] for i in range(len(val))]
     assert labels.count(1) == labels.count(0) == 10
     # Training and validation images are drawn from different seeds.
@@ -108,7 +108,7 @@ def test_the_preset_builds_balanced_data_sets_of_its_size() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.distance=[3, 10]", "data.distance: must be [min, max] with 5 <= min <= max <= 27"),
+        ("data.distance=[3, 10]", "data.distance: must be [min, max] with 5 <= min <= max <= 19"),
         ("data.distance=[20, 10]", "data.distance: must be [min, max]"),
         ("data.distance=[10]", "data.distance: must be [min, max]"),
         ("data.shapes=9", "data.shapes: must be between 2 and 8"),

@@ -154,6 +154,10 @@ class GlobalSelfAttention2d(nn.Module):
 
     def _index(self, size: int, device: torch.device) -> Tensor:
         """The relative index for one axis length, built once per (size, device)."""
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph the index is built by the graph itself (the compiler folds it to
+            # a constant); filling the cache from there would make the next call recompile.
+            return relative_index(size, self.span, device=device)
         key = (size, device)
         if key not in self._index_cache:
             # A normal tensor even when first built under inference_mode, so autograd may use it later.
