@@ -309,7 +309,8 @@ def read_run(path: Path) -> RunRecord:
     """
     run = RunDir(path)
     if not path.is_dir():
-        raise ConfigError(f"{path}: not a run directory (no such folder)")
+        what = "a file" if path.exists() else "no such folder"
+        raise ConfigError(f"{path}: not a run directory ({what})")
     needed = (run.config, run.metrics, run.summary)
     missing = [file.name for file in needed if not file.is_file()]
     if len(missing) == len(needed):

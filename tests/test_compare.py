@@ -120,11 +120,11 @@ def test_gmacs_gsa_train_could_not_count_stay_missing(tmp_path: Path) -> None:
 def test_by_key_tabulates_top1_against_the_config_value_per_model(tmp_path: Path) -> None:
     runs = []
     for kind, distance, top1 in (
+        ("conv", 16, [52.0]),  # given first: the table and the plot still run from 6 to 16
         ("conv", 6, [90.0]),
-        ("conv", 20, [52.0]),
         ("gsa", 6, [96.0]),
-        ("gsa", 20, [94.0]),
-        ("gsa", 20, [98.0]),  # a second seed: the table shows the mean
+        ("gsa", 16, [94.0]),
+        ("gsa", 16, [98.0]),  # a second seed: the table shows the mean
     ):
         name = f"{kind}-{distance}-{len(runs)}"
         overrides = [f"data.distance=[{distance}, {distance}]", "data.train_samples=8", "data.val_samples=8"]
@@ -140,16 +140,18 @@ def test_by_key_tabulates_top1_against_the_config_value_per_model(tmp_path: Path
             )
         )
     comparison = compare_runs(runs, by="data.distance", accuracy=Accuracy.FINAL)
-    assert comparison.frame["by_value"].tolist() == ["6", "20", "6", "20", "20"]
+    assert comparison.frame["by_value"].tolist() == ["16", "6", "6", "16", "16"]
     wide = comparison.views[-1].frame.set_index("data.distance")
+    assert list(wide.index) == ["6", "16"]
+    assert list(wide.columns) == ["conv", "gsa"]
     assert wide.loc["6", "conv"] == 90.0
-    assert wide.loc["20", "conv"] == 52.0
-    assert wide.loc["20", "gsa"] == pytest.approx(96.0)
+    assert wide.loc["16", "conv"] == 52.0
+    assert wide.loc["16", "gsa"] == pytest.approx(96.0)
     assert "mean" in comparison.views[-1].caption
     assert comparison.by is not None
     long = comparison.by[1]
-    assert long["by_x"].tolist() == [6.0, 6.0, 20.0, 20.0]  # sorted by the value
-    row = long[(long["model"] == "gsa") & (long["by_value"] == "20")].iloc[0]
+    assert long["by_x"].tolist() == [6.0, 6.0, 16.0, 16.0]  # sorted by the value
+    row = long[(long["model"] == "gsa") & (long["by_value"] == "16")].iloc[0]
     assert (row["top1_min"], row["top1_max"], row["runs"]) == (94.0, 98.0, 2)
     written = write_report(comparison, tmp_path / "out")
     assert (tmp_path / "out" / "top1_by_data_distance.png") in written
@@ -185,6 +187,9 @@ def test_half_written_run_directories_are_named(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", kind="conv", val_top1=[50.0, 60.0], params=1, gmacs=1.0)
     with pytest.raises(ConfigError, match=r"nope: not a run directory \(no such folder\)"):
         read_run(tmp_path / "nope")
+    (tmp_path / "run.log").write_text("a log beside the run, as a shell glob run* also matches\n")
+    with pytest.raises(ConfigError, match=r"run\.log: not a run directory \(a file\)"):
+        read_run(tmp_path / "run.log")
     (tmp_path / "empty").mkdir()
     with pytest.raises(GsaError, match="empty: not a run directory"):
         read_run(tmp_path / "empty")
