@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gsa_cli.models import GlobalSelfAttention2d
+from gsa_cli.models import gsa as gsa_module
 from gsa_cli.models.gsa import AxialRelativeAttention
 
 
@@ -247,15 +248,24 @@ def test_positional_cost_grows_as_positions_times_height_plus_width() -> None:
     assert attention[8] == 2 * (64 * 8 * 8 + 64 * 8 * 8)
 
 
+@pytest.fixture(params=["all heads at once", "one head at a time", "two heads at a time"])
+def logits_chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test with each way of chunking the heads (large maps go one head at a time)."""
+    limits = {"all heads at once": 1 << 22, "one head at a time": 1, "two heads at a time": 2 * 5 * 3 * 5}
+    monkeypatch.setattr(gsa_module, "LOGITS_PER_CHUNK", limits[request.param])
+
+
+@pytest.mark.usefixtures("logits_chunk")
 def test_axial_pass_gradients_pass_gradcheck() -> None:
     torch.manual_seed(0)
-    heads, size, rows, dk, dv = 2, 5, 3, 3, 2
+    heads, size, rows, dk, dv = 3, 5, 3, 3, 2
     queries = torch.randn(heads, size, rows, dk, dtype=torch.float64, requires_grad=True)
     values = torch.randn(heads, rows, size, dv, dtype=torch.float64, requires_grad=True)
     pairs = torch.randn(heads, size, dk, size, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(AxialRelativeAttention.apply, (queries, values, pairs))
 
 
+@pytest.mark.usefixtures("logits_chunk")
 @pytest.mark.parametrize("options", [{}, {"span": 2, "stride": 2}], ids=["global", "span 2, stride 2"])
 def test_module_gradients_match_the_naive_reference(options: dict[str, object]) -> None:
     module = make_module(**options).train()

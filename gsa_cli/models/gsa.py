@@ -28,6 +28,31 @@ def relative_index(size: int, span: int, *, device: torch.device) -> Tensor:
     return torch.where(offset.abs() < span, index, torch.full_like(index, 2 * span - 1))
 
 
+# Logits formed at once, in elements: small maps take all heads in one product (fewer, larger GEMMs),
+# large maps one head at a time (the logits of one head stay in cache and are never all alive).
+LOGITS_PER_CHUNK = 1 << 22
+
+
+def _head_chunks(heads: int, length: int, rows: int) -> list[slice]:
+    per_chunk = max(1, min(heads, LOGITS_PER_CHUNK // (length * rows * length)))
+    return [slice(start, min(start + per_chunk, heads)) for start in range(0, heads, per_chunk)]
+
+
+def _logits(queries: Tensor, pairs: Tensor) -> Tensor:
+    """``logits[m, a, i] = sum_d queries[a, m, d] pairs[a, d, i]`` for a chunk of ``G`` heads.
+
+    Args:
+        queries: ``(G, A, M, d)``.
+        pairs: ``(G, A, d, A)``.
+
+    Returns:
+        ``(G*M, A_a, A_i)``: a strided view of the product when ``G == 1``, else a copy.
+    """
+    group, length, rows, _ = queries.shape
+    logits = torch.bmm(queries.flatten(0, 1), pairs.flatten(0, 1))  # (G·A_a, M, A_i)
+    return logits.view(group, length, rows, length).transpose(1, 2).reshape(group * rows, length, length)
+
+
 class AxialRelativeAttention(torch.autograd.Function):
     """One axial pass of the positional branch, with its logits recomputed in backward.
 
@@ -38,12 +63,13 @@ class AxialRelativeAttention(torch.autograd.Function):
         out[m, a, c]    = sum_i logits[m, a, i] * values[m, i, c]
 
     where ``m`` runs over the batch and the other axis. The logits are ``A`` times larger than the
-    activations; they are formed one head at a time (so they stay in cache) and never stored:
-    backward forms them again, which costs one small matrix product and saves most of the memory.
+    activations; they are formed a chunk of heads at a time (one head on large maps, all on small
+    ones, see :data:`LOGITS_PER_CHUNK`) and never stored: backward forms them again, which costs one
+    small matrix product and saves most of the memory.
 
     Shapes: ``queries (h, A, M, d)``, ``values (h, M, A, c)``, ``pairs (h, A, d, A)``; returns
-    ``(h, M, A, c)``. All matrix products are batched GEMMs on views; nothing of the logits' size
-    is copied.
+    ``(h, M, A, c)``. All products are batched GEMMs; with one head per chunk they run on strided
+    views and nothing of the logits' size is copied.
     """
 
     @staticmethod
@@ -53,33 +79,40 @@ class AxialRelativeAttention(torch.autograd.Function):
         dtype = queries.dtype
         values, pairs = values.to(dtype), pairs.to(dtype)
         ctx.save_for_backward(queries, values, pairs)
-        heads = []
-        for head in range(queries.shape[0]):
-            logits = torch.bmm(queries[head], pairs[head])  # (A_a, M, A_i)
-            heads.append(torch.bmm(logits.transpose(0, 1), values[head]))  # (M, A_a, c)
-        return torch.stack(heads)  # (h, M, A, c)
+        heads, length, rows, _ = queries.shape
+        outs = []
+        for chunk in _head_chunks(heads, length, rows):
+            logits = _logits(queries[chunk], pairs[chunk])  # (G·M, A_a, A_i)
+            out = torch.bmm(logits, values[chunk].flatten(0, 1))  # (G·M, A_a, c)
+            outs.append(out.view(-1, rows, length, out.shape[-1]))
+        return torch.cat(outs)  # (h, M, A, c)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         queries, values, pairs = ctx.saved_tensors  # type: ignore[attr-defined]
         grad = grad.to(queries.dtype).contiguous()  # (h, M, A, c); bmm on odd strides copies per matrix
         need_q, need_v, need_p = ctx.needs_input_grad  # type: ignore[attr-defined]
+        heads, length, rows, _ = queries.shape
         grad_q, grad_v, grad_p = [], [], []
-        for head in range(queries.shape[0]):
-            g = grad[head]  # (M, A_a, c)
+        for chunk in _head_chunks(heads, length, rows):
+            q, p = queries[chunk], pairs[chunk]  # (G, A, M, d), (G, A, d, A)
+            g = grad[chunk].flatten(0, 1)  # (G·M, A_a, c)
             # d logits[m, a, i] = sum_c g[m, a, c] values[m, i, c]
-            grad_logits = torch.bmm(g, values[head].transpose(1, 2)).transpose(0, 1)  # (A_a, M, A_i)
+            grad_logits = torch.bmm(g, values[chunk].flatten(0, 1).transpose(1, 2))  # (G·M, A_a, A_i)
             if need_v:
-                logits = torch.bmm(queries[head], pairs[head])  # (A_a, M, A_i), recomputed
-                grad_v.append(torch.bmm(logits.permute(1, 2, 0), g))  # (M, A_i, c)
+                logits = _logits(q, p)  # (G·M, A_a, A_i), recomputed
+                grad_v.append(torch.bmm(logits.transpose(1, 2), g).view(-1, rows, length, g.shape[-1]))
+            by_query = (
+                grad_logits.view(-1, rows, length, length).transpose(1, 2).flatten(0, 1)
+            )  # (G·A, M, A_i)
             if need_q:
-                grad_q.append(torch.bmm(grad_logits, pairs[head].transpose(1, 2)))  # (A_a, M, d)
+                grad_q.append(torch.bmm(by_query, p.flatten(0, 1).transpose(1, 2)).view_as(q))  # (G, A, M, d)
             if need_p:
-                grad_p.append(torch.bmm(queries[head].transpose(1, 2), grad_logits))  # (A_a, d, A_i)
+                grad_p.append(torch.bmm(q.flatten(0, 1).transpose(1, 2), by_query).view_as(p))  # (G, A, d, A)
         return (
-            torch.stack(grad_q) if need_q else None,
-            torch.stack(grad_v) if need_v else None,
-            torch.stack(grad_p) if need_p else None,
+            torch.cat(grad_q) if need_q else None,
+            torch.cat(grad_v) if need_v else None,
+            torch.cat(grad_p) if need_p else None,
         )
 
 
