@@ -16,4 +16,4 @@ for distance in "${distances[@]}"; do
     done
     wait
 done
-gsa compare "$out"/*-d*/ --by data.distance --out "$out/compare"  # the trailing / skips the logs
+gsa compare "$out"/*-d*/ --by data.distance --accuracy final --out "$out/compare"  # the trailing / skips the logs
