@@ -78,8 +78,14 @@ def read_rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def without_timing(rows: list[EpochMetrics]) -> list[tuple[float, ...]]:
-    return [tuple(getattr(r, c) for c in METRIC_COLUMNS if c not in TIMING) for r in rows]
+def without_timing(rows: list[EpochMetrics]) -> list[tuple[float | str, ...]]:
+    """The rows without their timings; NaN as "nan" so that two NaNs in the same place compare equal
+    (a smoke GSA net can score a NaN validation loss after a few updates: see the README's caveat)."""
+
+    def comparable(value: float) -> float | str:
+        return "nan" if math.isnan(value) else value
+
+    return [tuple(comparable(getattr(r, c)) for c in METRIC_COLUMNS if c not in TIMING) for r in rows]
 
 
 def child_env() -> dict[str, str]:
