@@ -21,6 +21,7 @@ from gsa_cli.choices import Accuracy, MacCounter, Mode, OutputFormat
 from gsa_cli.errors import ConfigError, GsaError
 
 if TYPE_CHECKING:
+    from gsa_cli.profile import ProfileSettings
     from gsa_cli.results import EvalReport, RunSummary
 
 console = Console()
@@ -122,6 +123,36 @@ def parse_sizes(text: str | None, option: str) -> tuple[int, ...] | None:
         raise ConfigError(
             f"{option} {text}: expected whole numbers separated by commas, e.g. 32,64"
         ) from None
+
+
+def _profile_settings(
+    device: str,
+    precision: PrecisionChoice,
+    batch_size: str | None,
+    img_size: str | None,
+    mode: Mode,
+    channels_last: bool,
+    compile: bool,
+    warmup: int | None,
+    iters: int | None,
+    counter: MacCounter,
+) -> ProfileSettings:
+    """The settings of ``gsa profile`` and of ``gsa compare`` on model kinds, from their options."""
+    from gsa_cli.profile import ProfileSettings
+    from gsa_cli.runtime import Precision
+
+    return ProfileSettings(
+        device=device,
+        precision=Precision(precision.value),
+        batch_sizes=parse_sizes(batch_size, "--batch-size"),
+        img_sizes=parse_sizes(img_size, "--img-size"),
+        mode=mode,
+        channels_last=channels_last,
+        compile=compile,
+        warmup=warmup,
+        iters=iters,
+        counter=counter,
+    )
 
 
 DataOpt = Annotated[
@@ -418,27 +449,16 @@ def profile_command(
     from gsa_cli import tables
     from gsa_cli.presets import load_preset
     from gsa_cli.profile import (
-        ProfileSettings,
         module_frame,
         operator_frame,
         profile,
         rows_frame,
         summary_frame,
     )
-    from gsa_cli.runtime import Precision
 
     config = load_preset(preset, model=model, overrides=overrides or ())
-    settings = ProfileSettings(
-        device=device,
-        precision=Precision(precision.value),
-        batch_sizes=parse_sizes(batch_size, "--batch-size"),
-        img_sizes=parse_sizes(img_size, "--img-size"),
-        mode=mode,
-        channels_last=channels_last,
-        compile=compile,
-        warmup=warmup,
-        iters=iters,
-        counter=counter,
+    settings = _profile_settings(
+        device, precision, batch_size, img_size, mode, channels_last, compile, warmup, iters, counter
     )
     if out is not None:
         tables.format_for_path(out)  # refuse a bad suffix before measuring
@@ -541,23 +561,12 @@ def compare_command(
         if misplaced := _flags(ctx, _RUN_ONLY):
             raise ConfigError(f"{', '.join(misplaced)}: for run directories, not model kinds")
         from gsa_cli.presets import load_preset
-        from gsa_cli.profile import ProfileSettings
-        from gsa_cli.runtime import Precision
 
         if any(text.partition("=")[0].strip() == "model.kind" for text in overrides or ()):
             raise ConfigError("--set model.kind: name the model kinds as arguments instead (conv vs gsa)")
         configs = [load_preset(preset, model=kind, overrides=overrides or ()) for kind in inputs.kinds]
-        settings = ProfileSettings(
-            device=device,
-            precision=Precision(precision.value),
-            batch_sizes=parse_sizes(batch_size, "--batch-size"),
-            img_sizes=parse_sizes(img_size, "--img-size"),
-            mode=mode,
-            channels_last=channels_last,
-            compile=compile,
-            warmup=warmup,
-            iters=iters,
-            counter=counter,
+        settings = _profile_settings(
+            device, precision, batch_size, img_size, mode, channels_last, compile, warmup, iters, counter
         )
         with error_console.status("profiling") as status:
             comparison = compare_kinds(configs, settings, progress=status.update)
