@@ -74,7 +74,7 @@ def load_preset(
 
     Args:
         name_or_path: A shipped preset's name (``"imagenet50"``) or a path to a YAML file.
-        model: The model kind, ``"gsa"`` or ``"conv"``; ``None`` keeps the file's ``model.kind``.
+        model: The model kind, ``"gsa"``, ``"conv"`` or ``"full"``; ``None`` keeps the file's ``model.kind``.
         overrides: ``section.key=value`` strings applied after the file, e.g. ``"model.heads=4"``.
 
     Raises:
