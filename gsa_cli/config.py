@@ -115,6 +115,7 @@ class RecipeConfig:
     cutmix_alpha: float = 0.0
     randaugment: bool = False
     ema_decay: float | None = None
+    precise_bn_batches: int = 0  # before each evaluation, recompute BN statistics from N batches (0: off)
     seed: int = 0
 
 
@@ -325,6 +326,11 @@ def _validate(cfg: Config) -> None:
     for name in ("mixup_alpha", "cutmix_alpha"):
         if getattr(recipe, name) < 0:
             raise _InvalidKeyError(f"recipe.{name}", f"must not be negative, got {getattr(recipe, name)}")
+    if recipe.precise_bn_batches < 0:
+        raise _InvalidKeyError(
+            "recipe.precise_bn_batches",
+            f"must be 0 (off) or a number of batches, got {recipe.precise_bn_batches}",
+        )
     if recipe.ema_decay is not None and not 0 < recipe.ema_decay < 1:
         raise _InvalidKeyError("recipe.ema_decay", f"must be in (0, 1) or null, got {recipe.ema_decay}")
 

@@ -326,6 +326,18 @@ class Trainer:
         return EpochOutcome(totals, done, finished, lr)
 
     @torch.no_grad()
+    def recalibrate_batch_norm(self, model: nn.Module, loader: Any, batches: int) -> int:
+        """Recompute ``model``'s BatchNorm statistics from training batches (see the function)."""
+        return recalibrate_batch_norm(
+            model,
+            loader,
+            batches,
+            device=self.device,
+            precision=self.precision,
+            channels_last=self.channels_last,
+            check=self.check,
+        )
+
     def evaluate(self, model: nn.Module, loader: Any, *, epoch: int, reporter: Reporter) -> Totals:
         """Loss (plain cross-entropy), top-1 and top-5 of ``model`` over ``loader``, summed on all
         ranks."""
@@ -339,6 +351,60 @@ class Trainer:
             reporter=reporter,
             epoch=epoch,
         )
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module,
+    loader: Any,
+    batches: int,
+    *,
+    device: torch.device,
+    precision: Precision,
+    channels_last: bool,
+    check: Callable[[Batch], bool],
+) -> int:
+    """Recompute every BatchNorm's running statistics from ``batches`` training batches.
+
+    A "precise BN" pass: running means and variances are reset and set to the plain average of the
+    batch statistics of ``batches`` batches, run in train mode without gradients, then averaged over
+    ranks. Early in training the exponential running averages lag the weights; a GSA module, bilinear
+    in its input, squares that scale error in every layer, so a short run's evaluation can blow up
+    without this. Returns the number of batches used.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches < 1:
+        return 0
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches of this pass
+    was_training = model.training
+    model.train()
+    used = 0
+    try:
+        for batch in loader:
+            if used >= batches:
+                break
+            if not check(batch):
+                continue
+            images = batch.images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                model(images)
+            used += 1
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(was_training)
+    ranks = all_reduce_sum(torch.ones((), device=device))
+    for norm in norms:
+        assert norm.running_mean is not None
+        assert norm.running_var is not None
+        all_reduce_sum(norm.running_mean).div_(ranks)
+        all_reduce_sum(norm.running_var).div_(ranks)
+    return used
 
 
 @torch.no_grad()

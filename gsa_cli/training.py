@@ -465,9 +465,10 @@ def _train(
                         run_dir.write_summary(summary("interrupted"))
                     raise stopped(trainer.stop.signum or signal.SIGINT)
                 train_totals = outcome.totals.reduced(device)
-                val = trainer.evaluate(
-                    ema.module if ema else model, val_loader, epoch=epoch + 1, reporter=reporter
-                )
+                evaluated = ema.module if ema else model
+                if recipe.precise_bn_batches:
+                    trainer.recalibrate_batch_norm(evaluated, train_loader, recipe.precise_bn_batches)
+                val = trainer.evaluate(evaluated, val_loader, epoch=epoch + 1, reporter=reporter)
                 epoch, batches_done = epoch + 1, 0
                 train_stats, val_stats = train_totals.stats(), val.stats()
                 row = EpochMetrics(

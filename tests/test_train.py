@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from gsa_cli import load_preset
 from gsa_cli.cli import app
-from gsa_cli.engine import TrainingStoppedError, load_checkpoint
+from gsa_cli.data import Batch
+from gsa_cli.engine import TrainingStoppedError, load_checkpoint, recalibrate_batch_norm
 from gsa_cli.errors import ConfigError
 from gsa_cli.evaluation import EvalOptions, evaluate_checkpoint
 from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir
@@ -399,3 +400,39 @@ def test_resume_refuses_new_settings_and_out_refuses_an_old_run(tmp_path: Path) 
     result = CliRunner().invoke(app, ["train", "--preset", "smoke", "--out", str(tmp_path / "old")])
     assert result.exit_code == 1
     assert "the folder is not empty; continue that run with --resume" in _error(result)
+
+
+def test_precise_bn_keeps_a_short_gsa_run_evaluation_sane(tmp_path: Path) -> None:
+    """After a few updates a GSA net's running BN statistics lag its weights (the README's caveat);
+    the precise-BN pass sets them from training batches, and the evaluation stays near ln 10."""
+    summary = train(smoke(1, "recipe.precise_bn_batches=3"), cpu(tmp_path / "precise"), reporter=Quiet())
+    assert summary.final_val_loss is not None
+    assert summary.final_val_loss < 5.0  # cross-entropy over 10 classes starts near ln 10 = 2.3
+
+
+def test_precise_bn_statistics_are_the_plain_average_of_the_batch_statistics() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    batches = [
+        Batch(torch.randn(5, 3, 6, 6) * (i + 1) + i, torch.zeros(5, dtype=torch.long), []) for i in range(3)
+    ]
+    model.eval()
+    used = recalibrate_batch_norm(
+        model, batches, 2, device=torch.device("cpu"), precision=Precision.FP32, channels_last=False,
+        check=lambda batch: True,
+    )  # fmt: skip
+    assert used == 2
+    with torch.no_grad():
+        features = [model[0](batch.images) for batch in batches[:2]]
+    means = torch.stack([f.mean(dim=(0, 2, 3)) for f in features])
+    variances = torch.stack([f.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for f in features])
+    norm = model[1]
+    torch.testing.assert_close(norm.running_mean, means.mean(0))
+    torch.testing.assert_close(norm.running_var, variances.mean(0))
+    assert norm.momentum == 0.1  # restored
+    assert not model.training  # mode restored
+
+
+def test_precise_bn_batches_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match=r"recipe\.precise_bn_batches: must be 0 \(off\)"):
+        smoke(1, "recipe.precise_bn_batches=-1")
