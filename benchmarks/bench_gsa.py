@@ -9,8 +9,9 @@ For each stage shape (56x56x64, 28x28x128, 14x14x256, 7x7x512 at 224 px) and eac
 - ``onehot``: as the only public implementation does it: relative logits against all ``2L-1`` offsets,
   moved to absolute positions by an einsum with a one-hot ``(S, S, 2L-1)`` tensor built on every call;
 - ``conv3x3``: the 3x3 convolution that GSA replaces;
-- ``dense``: global multi-head self-attention over all positions (``scaled_dot_product_attention``
-  with contiguous q, k, v, after the same 1x1 projection).
+- ``dense``: global multi-head self-attention over all positions, the project's
+  ``FullSelfAttention2d`` (``scaled_dot_product_attention`` with contiguous q, k, v, after a 1x1
+  projection).
 
 Every implementation gets the same input (random normal, not zeros), the same channels and heads.
 Time: median and interquartile range over ``--iters`` timed iterations after ``--warmup``, device
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gsa_cli.models.full import FullSelfAttention2d  # noqa: E402
 from gsa_cli.models.gsa import GlobalSelfAttention2d, relative_index  # noqa: E402
 from gsa_cli.runtime import device_name, synchronize  # noqa: E402
 
@@ -90,22 +92,6 @@ class EinsumGSA(nn.Module):
         return (content + positional).reshape(batch, dv, height, width)
 
 
-class DenseAttention(nn.Module):
-    """Global multi-head self-attention over all positions, through scaled_dot_product_attention."""
-
-    def __init__(self, channels: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, channels, height, width = x.shape
-        qkv = self.qkv(x).flatten(2).unflatten(1, (3, self.heads, -1))  # (B, 3, h, d, N)
-        q, k, v = (qkv[:, i].transpose(-1, -2).contiguous() for i in range(3))  # (B, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        return out.transpose(-1, -2).reshape(batch, channels, height, width)
-
-
 def build(name: str, channels: int, size: int, heads: int) -> nn.Module:
     if name == "gsa":
         return GlobalSelfAttention2d(channels, channels, heads=heads, span=size)
@@ -114,7 +100,7 @@ def build(name: str, channels: int, size: int, heads: int) -> nn.Module:
     if name == "conv3x3":
         return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     if name == "dense":
-        return DenseAttention(channels, heads)
+        return FullSelfAttention2d(channels, channels, heads=heads)
     raise ValueError(name)
 
 

@@ -201,6 +201,14 @@ def batch_sums(logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
 # The loops.
 
 
+def images_to(images: Tensor, device: torch.device, *, channels_last: bool) -> Tensor:
+    """A batch of images on ``device``, in channels-last layout when asked."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 @dataclass
 class EpochOutcome:
     totals: Totals
@@ -239,9 +247,7 @@ class Trainer:
     stop: StopSignal = field(default_factory=StopSignal)
 
     def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images_to(images, self.device, channels_last=self.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
     def _step(self, images: Tensor, labels: Tensor, sums: Tensor, bad_loss: Tensor) -> None:
@@ -388,9 +394,7 @@ def recalibrate_batch_norm(
                 break
             if not check(batch):
                 continue
-            images = batch.images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images_to(batch.images, device, channels_last=channels_last)
             with autocast(device, precision):
                 model(images)
             used += 1
@@ -433,9 +437,7 @@ def evaluate(
             done += 1
             if not check(batch):
                 continue
-            images = batch.images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images_to(batch.images, device, channels_last=channels_last)
             labels = batch.labels.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(images).float()

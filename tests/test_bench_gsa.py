@@ -34,9 +34,3 @@ def test_einsum_baselines_match_the_module(onehot: bool, span: int) -> None:
         baseline.reference.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
     torch.testing.assert_close(baseline(x), baseline.reference(x))
-
-
-def test_dense_attention_output_shape() -> None:
-    bench = _load_benchmark()
-    dense = bench.DenseAttention(16, 4)
-    assert dense(torch.randn(2, 16, 5, 6)).shape == (2, 16, 5, 6)

@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
+from cli_helpers import one_error_line
 from fixtures_runs import write_run
 from typer.testing import CliRunner
 
@@ -18,14 +19,6 @@ from gsa_cli.presets import count_parameters, load_preset
 
 runner = CliRunner()
 QUICK = ["--preset", "smoke", "--device", "cpu", "--warmup", "0", "--iters", "1", "--batch-size", "2"]
-
-
-def one_error_line(result: object) -> str:
-    stderr = getattr(result, "stderr", "")
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_kinds_profiled_side_by_side_with_a_scaling_plot(tmp_path: Path) -> None:

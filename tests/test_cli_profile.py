@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from cli_helpers import one_error_line
 from typer.testing import CliRunner
 
 from gsa_cli.cli import app
@@ -74,14 +75,6 @@ def test_full_model_with_torch_counter_and_detail() -> None:
     assert "counter: torch" in result.stdout
     assert "### MACs by module: full at 16 px" in result.stdout
     assert "_scaled_dot_product_flash_attention_for_cpu" in result.stdout or "attention" in result.stdout
-
-
-def one_error_line(result: object) -> str:
-    stderr = getattr(result, "stderr", "")
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 @pytest.mark.parametrize(
