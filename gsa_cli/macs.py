@@ -218,11 +218,11 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
 def _axial_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     """GSA's axial positional pass (:class:`~gsa_cli.models.gsa.AxialRelativeAttention`).
 
-    With queries ``(h, A, M, d)`` and values ``(h, M, A, c)``: the logits ``h A M A d`` and their
+    With queries ``(h, A, d, M)`` and values ``(h, M, c, A)``: the logits ``h A M A d`` and their
     product with the values ``h M A A c``.
     """
-    heads, length, rows, keys = _known_shape(inputs[0], "axial attention")
-    values = _known_shape(inputs[1], "axial attention")[-1]
+    heads, length, keys, rows = _known_shape(inputs[0], "axial attention")
+    values = _known_shape(inputs[1], "axial attention")[-2]
     return Counter({"axial_relative_attention": heads * length * rows * length * (keys + values)})
 
 

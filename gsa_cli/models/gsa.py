@@ -28,29 +28,36 @@ def relative_index(size: int, span: int, *, device: torch.device) -> Tensor:
     return torch.where(offset.abs() < span, index, torch.full_like(index, 2 * span - 1))
 
 
-# Logits formed at once, in elements: small maps take all heads in one product (fewer, larger GEMMs),
-# large maps one head at a time (the logits of one head stay in cache and are never all alive).
-LOGITS_PER_CHUNK = 1 << 22
+# Logits of one head, in elements, from which heads are taken one at a time. Below it all heads go into
+# one product (fewer, larger GEMMs; the copy that regroups their logits is small); above it each head
+# runs on strided views of its own, so nothing of the logits' size is ever copied.
+PER_HEAD_LOGITS = 1 << 16
 
 
 def _head_chunks(heads: int, length: int, rows: int) -> list[slice]:
-    per_chunk = max(1, min(heads, LOGITS_PER_CHUNK // (length * rows * length)))
-    return [slice(start, min(start + per_chunk, heads)) for start in range(0, heads, per_chunk)]
+    if length * rows * length >= PER_HEAD_LOGITS:
+        return [slice(head, head + 1) for head in range(heads)]
+    return [slice(0, heads)]
 
 
 def _logits(queries: Tensor, pairs: Tensor) -> Tensor:
-    """``logits[m, a, i] = sum_d queries[a, m, d] pairs[a, d, i]`` for a chunk of ``G`` heads.
+    """``logits[a, m, i] = sum_d queries[a, d, m] pairs[a, d, i]`` for a chunk of ``G`` heads.
 
     Args:
-        queries: ``(G, A, M, d)``.
+        queries: ``(G, A, d, M)``.
         pairs: ``(G, A, d, A)``.
 
     Returns:
-        ``(G*M, A_a, A_i)``: a strided view of the product when ``G == 1``, else a copy.
+        ``(G, A_a, M, A_i)``.
     """
-    group, length, rows, _ = queries.shape
-    logits = torch.bmm(queries.flatten(0, 1), pairs.flatten(0, 1))  # (G·A_a, M, A_i)
-    return logits.view(group, length, rows, length).transpose(1, 2).reshape(group * rows, length, length)
+    group, length, _, rows = queries.shape
+    logits = torch.bmm(queries.flatten(0, 1).transpose(1, 2), pairs.flatten(0, 1))  # (G·A_a, M, A_i)
+    return logits.view(group, length, rows, length)
+
+
+def _by_row(tensor: Tensor) -> Tensor:
+    """``(G, A_a, M, A_i)`` as ``(G·M, A_a, A_i)``: a strided view when ``G == 1``, else a copy."""
+    return tensor.transpose(1, 2).flatten(0, 1)
 
 
 class AxialRelativeAttention(torch.autograd.Function):
@@ -59,17 +66,20 @@ class AxialRelativeAttention(torch.autograd.Function):
     For each head and each query position ``a`` along the axis (spec 1.2, column pass with ``i`` the
     key position)::
 
-        logits[m, a, i] = sum_d queries[a, m, d] * pairs[a, d, i]      (no softmax, no scaling)
-        out[m, a, c]    = sum_i logits[m, a, i] * values[m, i, c]
+        logits[a, m, i] = sum_d queries[a, d, m] * pairs[a, d, i]      (no softmax, no scaling)
+        out[m, c, a]    = sum_i values[m, c, i] * logits[a, m, i]
 
     where ``m`` runs over the batch and the other axis. The logits are ``A`` times larger than the
-    activations; they are formed a chunk of heads at a time (one head on large maps, all on small
-    ones, see :data:`LOGITS_PER_CHUNK`) and never stored: backward forms them again, which costs one
-    small matrix product and saves most of the memory.
+    activations; they are formed a head at a time on large maps (all heads at once on small ones, see
+    :data:`PER_HEAD_LOGITS`) and never stored: backward forms them again, which costs one small matrix
+    product and saves most of the memory.
 
-    Shapes: ``queries (h, A, M, d)``, ``values (h, M, A, c)``, ``pairs (h, A, d, A)``; returns
-    ``(h, M, A, c)``. All products are batched GEMMs; with one head per chunk they run on strided
-    views and nothing of the logits' size is copied.
+    Shapes: ``queries (h, A, d, M)``, ``values (h, M, c, A)``, ``pairs (h, A, d, A)``; returns
+    ``(h, M, c, A)``. The channel axes ``d`` and ``c`` (``d_k / h`` and ``d_v / h``, often 8) are the
+    short ones: every product is a batched GEMM laid out so that a short axis is the rows of its
+    result, never the columns (on CPU, a GEMM with 8 result columns runs at a quarter of the speed of
+    its transpose), and each writes straight into its result. With one head per chunk they run on
+    strided views and nothing of the logits' size is copied.
     """
 
     @staticmethod
@@ -79,41 +89,43 @@ class AxialRelativeAttention(torch.autograd.Function):
         dtype = queries.dtype
         values, pairs = values.to(dtype), pairs.to(dtype)
         ctx.save_for_backward(queries, values, pairs)
-        heads, length, rows, _ = queries.shape
-        outs = []
+        heads, length, _, rows = queries.shape
+        out = values.new_empty(values.shape)  # (h, M, c, A)
         for chunk in _head_chunks(heads, length, rows):
-            logits = _logits(queries[chunk], pairs[chunk])  # (G·M, A_a, A_i)
-            out = torch.bmm(logits, values[chunk].flatten(0, 1))  # (G·M, A_a, c)
-            outs.append(out.view(-1, rows, length, out.shape[-1]))
-        return torch.cat(outs)  # (h, M, A, c)
+            logits = _by_row(_logits(queries[chunk], pairs[chunk]))  # (G·M, A_a, A_i)
+            # out[m] (c x a) = values[m] (c x i) @ logits[m]^T (i x a)
+            torch.bmm(values[chunk].flatten(0, 1), logits.transpose(1, 2), out=out[chunk].flatten(0, 1))
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         queries, values, pairs = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad = grad.to(queries.dtype).contiguous()  # (h, M, A, c); bmm on odd strides copies per matrix
+        grad = grad.to(queries.dtype).contiguous()  # (h, M, c, A); bmm on odd strides copies per matrix
         need_q, need_v, need_p = ctx.needs_input_grad  # type: ignore[attr-defined]
-        heads, length, rows, _ = queries.shape
-        grad_q, grad_v, grad_p = [], [], []
+        heads, length, _, rows = queries.shape
+        grad_q = queries.new_empty(queries.shape) if need_q else None  # (h, A, d, M)
+        grad_v = values.new_empty(values.shape) if need_v else None  # (h, M, c, A)
+        grad_p = pairs.new_empty(pairs.shape) if need_p else None  # (h, A, d, A)
         for chunk in _head_chunks(heads, length, rows):
-            q, p = queries[chunk], pairs[chunk]  # (G, A, M, d), (G, A, d, A)
-            g = grad[chunk].flatten(0, 1)  # (G·M, A_a, c)
-            # d logits[m, a, i] = sum_c g[m, a, c] values[m, i, c]
-            grad_logits = torch.bmm(g, values[chunk].flatten(0, 1).transpose(1, 2))  # (G·M, A_a, A_i)
-            if need_v:
-                logits = _logits(q, p)  # (G·M, A_a, A_i), recomputed
-                grad_v.append(torch.bmm(logits.transpose(1, 2), g).view(-1, rows, length, g.shape[-1]))
-            by_query = (
-                grad_logits.view(-1, rows, length, length).transpose(1, 2).flatten(0, 1)
-            )  # (G·A, M, A_i)
-            if need_q:
-                grad_q.append(torch.bmm(by_query, p.flatten(0, 1).transpose(1, 2)).view_as(q))  # (G, A, M, d)
-            if need_p:
-                grad_p.append(torch.bmm(q.flatten(0, 1).transpose(1, 2), by_query).view_as(p))  # (G, A, d, A)
-        return (
-            torch.cat(grad_q) if need_q else None,
-            torch.cat(grad_v) if need_v else None,
-            torch.cat(grad_p) if need_p else None,
-        )
+            q, p = queries[chunk], pairs[chunk]  # (G, A, d, M), (G, A, d, A)
+            g = grad[chunk].flatten(0, 1)  # (G·M, c, A_a)
+            if grad_v is not None:
+                logits = _by_row(_logits(q, p))  # (G·M, A_a, A_i), recomputed
+                # grad_v[m] (c x i) = g[m] (c x a) @ logits[m] (a x i)
+                torch.bmm(g, logits, out=grad_v[chunk].flatten(0, 1))
+            if grad_q is None and grad_p is None:
+                continue
+            # grad_logits[m] (a x i) = g[m]^T (a x c) @ values[m] (c x i)
+            grad_logits = torch.bmm(g.transpose(1, 2), values[chunk].flatten(0, 1))  # (G·M, A_a, A_i)
+            by_query = grad_logits.view(-1, rows, length, length).transpose(1, 2).flatten(0, 1)
+            # by_query: (G·A_a, M, A_i), a view when G == 1
+            if grad_q is not None:
+                # grad_q[a] (d x m) = pairs[a] (d x i) @ by_query[a]^T (i x m)
+                torch.bmm(p.flatten(0, 1), by_query.transpose(1, 2), out=grad_q[chunk].flatten(0, 1))
+            if grad_p is not None:
+                # grad_p[a] (d x i) = queries[a] (d x m) @ by_query[a] (m x i)
+                torch.bmm(q.flatten(0, 1), by_query, out=grad_p[chunk].flatten(0, 1))
+        return grad_q, grad_v, grad_p
 
 
 class GlobalSelfAttention2d(nn.Module):
@@ -205,7 +217,8 @@ class GlobalSelfAttention2d(nn.Module):
         """
         padded = F.pad(table, (0, 0, 0, 1))  # (2L, d_k): row 2L-1 is the zero row
         pairs = padded[self._index(size, table.device)]  # (a, i, d_k)
-        return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 3, 1)  # (h, a, d_k/h, i)
+        # Contiguous, so that every head's slice is a plain batch of matrices.
+        return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 3, 1).contiguous()  # (h, a, d_k/h, i)
 
     def _content(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Spec 1.1: softmax of k over positions, context = K_s v^T, content = context^T q.
@@ -227,17 +240,17 @@ class GlobalSelfAttention2d(nn.Module):
         batch, heads, dvh, height, width = v.shape
         dkh = q.shape[2]
         # Column pass: y(a,b) = sum_i (q(a,b) . rel_col[i-a]) v(i,b); GEMM rows m = (B, b).
-        queries = q.permute(1, 3, 0, 4, 2).reshape(heads, height, batch * width, dkh)  # (h, a, B·b, d)
-        values = v.permute(1, 0, 4, 3, 2).reshape(heads, batch * width, height, dvh)  # (h, B·b, i, c)
+        queries = q.permute(1, 3, 2, 0, 4).reshape(heads, height, dkh, batch * width)  # (h, a, d, B·b)
+        values = v.permute(1, 0, 4, 2, 3).reshape(heads, batch * width, dvh, height)  # (h, B·b, c, i)
         y = AxialRelativeAttention.apply(queries, values, self._pairs(self.rel_col, height))
-        y = y.view(heads, batch, width, height, dvh).permute(1, 0, 4, 3, 2)  # (B, h, c, a, b)
+        y = y.view(heads, batch, width, dvh, height).permute(1, 0, 3, 4, 2)  # (B, h, c, a, b)
         y = self.bn(y.reshape(batch, heads * dvh, height, width))  # BN over all C_out channels
         # Row pass: p(a,b) = sum_j (q(a,b) . rel_row[j-b]) y(a,j); GEMM rows m = (B, a).
-        queries = q.permute(1, 4, 0, 3, 2).reshape(heads, width, batch * height, dkh)  # (h, b, B·a, d)
-        values = y.view(batch, heads, dvh, height, width).permute(1, 0, 3, 4, 2)  # (h, B, a, j, c)
-        values = values.reshape(heads, batch * height, width, dvh)  # (h, B·a, j, c)
+        queries = q.permute(1, 4, 2, 0, 3).reshape(heads, width, dkh, batch * height)  # (h, b, d, B·a)
+        values = y.view(batch, heads, dvh, height, width).permute(1, 0, 3, 2, 4)  # (h, B, a, c, j)
+        values = values.reshape(heads, batch * height, dvh, width)  # (h, B·a, c, j)
         p = AxialRelativeAttention.apply(queries, values, self._pairs(self.rel_row, width))
-        return p.view(heads, batch, height, width, dvh).permute(1, 0, 4, 2, 3)  # (B, h, c, a, b)
+        return p.view(heads, batch, height, dvh, width).permute(1, 0, 3, 2, 4)  # (B, h, c, a, b)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
