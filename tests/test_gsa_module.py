@@ -255,17 +255,24 @@ def logits_chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(gsa_module, "PER_HEAD_LOGITS", limits[request.param])
 
 
-@pytest.mark.usefixtures("logits_chunk")
+@pytest.fixture(params=["short results transposed", "never transposed", "always transposed"])
+def result_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test with each way of laying out the GEMM results (transposed when they are short)."""
+    limits = {"short results transposed": 3, "never transposed": 0, "always transposed": 1 << 30}
+    monkeypatch.setattr(gsa_module, "SHORT_COLUMNS", limits[request.param])
+
+
+@pytest.mark.usefixtures("logits_chunk", "result_layout")
 def test_axial_pass_gradients_pass_gradcheck() -> None:
     torch.manual_seed(0)
-    heads, size, rows, dk, dv = 3, 5, 3, 3, 2
+    heads, size, rows, dk, dv = 3, 5, 2, 3, 2  # some results short enough to transpose
     queries = torch.randn(heads, size, dk, rows, dtype=torch.float64, requires_grad=True)
     values = torch.randn(heads, rows, dv, size, dtype=torch.float64, requires_grad=True)
     pairs = torch.randn(heads, size, dk, size, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(AxialRelativeAttention.apply, (queries, values, pairs))
 
 
-@pytest.mark.usefixtures("logits_chunk")
+@pytest.mark.usefixtures("logits_chunk", "result_layout")
 @pytest.mark.parametrize("options", [{}, {"span": 2, "stride": 2}], ids=["global", "span 2, stride 2"])
 def test_module_gradients_match_the_naive_reference(options: dict[str, object]) -> None:
     module = make_module(**options).train()
