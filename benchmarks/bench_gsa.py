@@ -16,11 +16,12 @@ For each stage shape (56x56x64, 28x28x128, 14x14x256, 7x7x512 at 224 px) and eac
 Every implementation gets the same input (random normal, not zeros), the same channels and heads.
 Time: median and interquartile range over ``--iters`` timed iterations after ``--warmup``, device
 synchronised, of the forward pass (``torch.inference_mode``, eval) and of forward+backward (train
-mode, a sum of the outputs as the loss, input gradients included). Peak memory: on CUDA
-``torch.cuda.max_memory_allocated`` during forward+backward minus the memory held before; on CPU the
-rise of the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over its
-resident set before forward+backward, measured in a fresh process with glibc's mmap threshold fixed
-so that freed tensors leave the resident set.
+mode, a sum of the outputs as the loss, input gradients included). Peak memory, of the second
+forward+backward in a fresh process (the first one, whose gradients are then dropped, pays the
+one-time allocations of kernel caches and thread pools): on CUDA ``torch.cuda.max_memory_allocated``
+minus the memory held before; on CPU the rise of the process's peak resident set (``VmHWM``, reset
+through ``/proc/self/clear_refs``) over its resident set before, with glibc's mmap threshold fixed so
+that freed tensors leave the resident set.
 
     python benchmarks/bench_gsa.py --batch 8 --out benchmarks/results/bench_gsa_cpu.csv
 """
@@ -141,6 +142,11 @@ def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> di
     if args.memory:
         module.train()
         x.requires_grad_(True)
+        # Steady state: one step first, so that one-time allocations (kernel caches, thread pools,
+        # the autograd engine's) are not counted; its gradients are dropped, as a training loop does.
+        module(x).sum().backward()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
@@ -166,8 +172,7 @@ def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> di
         module(x).sum().backward()
 
     backward = _timed(train_step, device, args.warmup, args.iters)
-    row["fwd_ms"], row["fwd_iqr_ms"] = _summary(forward)
-    row["fwd_bwd_ms"], row["fwd_bwd_iqr_ms"] = _summary(backward)
+    row["fwd_times"], row["fwd_bwd_times"] = forward, backward
     return row
 
 
@@ -211,6 +216,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per implementation and shape")
     parser.add_argument("--impl", default=",".join(IMPLEMENTATIONS), help="comma list of implementations")
     parser.add_argument("--stages", default="1,2,3,4", help="comma list of ResNet-50 stages (1-4)")
     parser.add_argument("--out", type=Path, default=None, help="CSV file for the results")
@@ -227,12 +233,27 @@ def main() -> None:
 
     device = torch.device(args.device)
     rows = []
+    names = args.impl.split(",")
     for stage in (int(s) for s in args.stages.split(",")):
         size, channels = STAGES[stage - 1]
-        for name in args.impl.split(","):
-            timing = _in_child(name, size, channels, args, memory=False)
+        # Each implementation is timed in --repeats fresh processes, taken in turn, so that a drift in
+        # the machine's speed over the minutes of a run falls on all of them alike; the iterations of
+        # all its processes are pooled for the median and IQR.
+        timings: dict[str, list[dict[str, object]]] = {name: [] for name in names}
+        for _ in range(args.repeats):
+            for name in names:
+                timings[name].append(_in_child(name, size, channels, args, memory=False))
+        for name in names:
+            row: dict[str, object] = {"impl": name, "shape": f"{size}x{size}x{channels}", "batch": args.batch}
+            errors = [str(t["error"]) for t in timings[name] if "error" in t]
+            if errors:
+                row["error"] = errors[0]
+            else:
+                for key in ("fwd", "fwd_bwd"):
+                    pooled = [sec for t in timings[name] for sec in t[f"{key}_times"]]  # type: ignore[attr-defined]
+                    row[f"{key}_ms"], row[f"{key}_iqr_ms"] = _summary(pooled)
             memory = _in_child(name, size, channels, args, memory=True)
-            row = {**timing, **{k: v for k, v in memory.items() if k not in timing}}
+            row.update({k: v for k, v in memory.items() if k not in row})
             rows.append(row)
             print(json.dumps(row), flush=True)
     table = pd.DataFrame(rows)
