@@ -9,6 +9,8 @@ For each stage shape (56x56x64, 28x28x128, 14x14x256, 7x7x512 at 224 px) and eac
 - ``onehot``: as the only public implementation does it: relative logits against all ``2L-1`` offsets,
   moved to absolute positions by an einsum with a one-hot ``(S, S, 2L-1)`` tensor built on every call;
 - ``conv3x3``: the 3x3 convolution that GSA replaces;
+- ``qkv1x1``: the 1x1 projection to queries, keys and values alone, which ``gsa``, ``einsum`` and
+  ``onehot`` all run first: the floor under their times;
 - ``dense``: global multi-head self-attention over all positions, the project's
   ``FullSelfAttention2d`` (``scaled_dot_product_attention`` with contiguous q, k, v, after a 1x1
   projection).
@@ -51,7 +53,7 @@ from gsa_cli.models.gsa import GlobalSelfAttention2d, relative_index  # noqa: E4
 from gsa_cli.runtime import device_name, synchronize  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
-IMPLEMENTATIONS = ["gsa", "einsum", "onehot", "conv3x3", "dense"]
+IMPLEMENTATIONS = ["gsa", "einsum", "onehot", "conv3x3", "qkv1x1", "dense"]
 
 
 class EinsumGSA(nn.Module):
@@ -100,6 +102,8 @@ def build(name: str, channels: int, size: int, heads: int) -> nn.Module:
         return EinsumGSA(channels, heads, size, onehot=name == "onehot")
     if name == "conv3x3":
         return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    if name == "qkv1x1":
+        return GlobalSelfAttention2d(channels, channels, heads=heads, span=size).qkv
     if name == "dense":
         return FullSelfAttention2d(channels, channels, heads=heads)
     raise ValueError(name)
