@@ -37,6 +37,9 @@ class World:
         return self.world_size > 1
 
 
+_flags_group: dist.ProcessGroup | None = None  # the group for all_ranks; None: the default one
+
+
 def in_torchrun() -> bool:
     """Whether this process was started by torchrun (or ``gsa train --nproc``)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -68,6 +71,10 @@ def setup(device_spec: str) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        global _flags_group
+        # Host-side flags go through gloo, so that agreeing on one never waits for the GPU.
+        group = dist.new_group(backend="gloo") if backend != "gloo" else None
+        _flags_group = group if isinstance(group, dist.ProcessGroup) else None
     return world, device
 
 
@@ -89,6 +96,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(value).item() > 0)
+
+
+def all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` is true on every rank (every rank gets the same answer).
+
+    A host-side collective (gloo): it does not synchronise the GPU. Every rank must call it at the
+    same point, as with any collective.
+    """
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_flags_group)
+    return bool(value.item())
 
 
 def broadcast(value: Any) -> Any:

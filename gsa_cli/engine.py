@@ -217,6 +217,11 @@ class EpochOutcome:
     lr: float
 
 
+def _alone(keep: bool) -> bool:
+    """One process: its own answer is everyone's."""
+    return keep
+
+
 @dataclass
 class Trainer:
     """One model's training state and the loops that advance it.
@@ -227,6 +232,8 @@ class Trainer:
         optimizer / scheduler / scaler / ema: The recipe's state; the scheduler steps per update.
         check: Applies the unreadable-file policy to a batch; returns whether it has images.
         batch_transform: Mixup/CutMix on ``(images, labels)``, or None.
+        agree: Turns this rank's "use the batch" into every rank's (under DDP, a step whose batch is
+            unreadable on one rank is skipped on all, or the others would wait for it forever).
     """
 
     model: nn.Module
@@ -242,6 +249,7 @@ class Trainer:
     channels_last: bool
     check: Callable[[Batch], bool]
     batch_transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    agree: Callable[[bool], bool] = _alone
     step: int = 0  # optimizer updates done
     sync_every: int = SYNC_EVERY
     stop: StopSignal = field(default_factory=StopSignal)
@@ -317,7 +325,7 @@ class Trainer:
         self.model.train()
         for batch in loader:
             done += 1  # counted even when skipped, so that every rank stops at the same step
-            if self.check(batch):
+            if self.agree(self.check(batch)):
                 images, labels = self._to_device(batch.images, batch.labels)
                 self._step(images, labels, pending, bad_loss)
             if done % self.sync_every == 0 and done < total_batches:
@@ -342,6 +350,7 @@ class Trainer:
             precision=self.precision,
             channels_last=self.channels_last,
             check=self.check,
+            agree=self.agree,
         )
 
     def evaluate(self, model: nn.Module, loader: Any, *, epoch: int, reporter: Reporter) -> Totals:
@@ -369,6 +378,7 @@ def recalibrate_batch_norm(
     precision: Precision,
     channels_last: bool,
     check: Callable[[Batch], bool],
+    agree: Callable[[bool], bool] = _alone,
 ) -> int:
     """Recompute every BatchNorm's running statistics from ``batches`` training batches.
 
@@ -392,7 +402,7 @@ def recalibrate_batch_norm(
         for batch in loader:
             if used >= batches:
                 break
-            if not check(batch):
+            if not agree(check(batch)):  # SyncBatchNorm's collectives need every rank
                 continue
             images = images_to(batch.images, device, channels_last=channels_last)
             with autocast(device, precision):

@@ -343,6 +343,7 @@ def _train(
         grad_clip=recipe.grad_clip,
         channels_last=channels_last,
         check=corrupt.check,
+        agree=distributed.all_ranks,
         batch_transform=_batch_transform(config),
         sync_every=1 if device.type == "cpu" else 10,
     )

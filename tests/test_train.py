@@ -300,6 +300,27 @@ def test_two_process_gloo_run_matches_a_single_process_evaluation(tmp_path: Path
     assert report.top1 == summary["final_top1"] == report.recorded_top1
 
 
+def test_two_process_run_skips_a_step_whose_batch_is_unreadable_on_one_rank(tmp_path: Path) -> None:
+    # 14 of 18 images unreadable, 2 per batch: some steps have a good batch on one rank only. That
+    # rank must not step alone (its gradient all-reduce would wait forever for the other).
+    data = make_image_folder(tmp_path / "data")
+    images = sorted((data / "train").rglob("*.JPEG"))
+    for image in images[:14]:
+        image.write_bytes(b"GIF89a garbage")
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "gsa_cli", "train", "--preset", "smoke", "--data", str(data),
+               "--set", "data.dataset=imagenet", "--set", "data.num_classes=3",
+               "--set", "recipe.batch_size=2", "--workers", "0", "--nproc", "2", "--device", "cpu",
+               "--on-corrupt", "skip", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipping unreadable image" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["world_size"]) == ("finished", 2)
+    # Fewer updates than batches: the steps with an unreadable batch on either rank were skipped.
+    assert 0 < load_checkpoint(out / "last.pt")["step"] < len(images) // 2 // 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # gsa eval.
 
