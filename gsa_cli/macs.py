@@ -9,9 +9,10 @@ and dense-attention modules is counted:
 * **Products**, as multiply-adds: convolution, linear, ``mm``/``bmm``/``matmul`` (batch dimensions
   broadcast), ``einsum`` (exactly: fvcore's own einsum handle reads numpy's rounded ``einsum_path``
   report, off by up to 0.05%), ``scaled_dot_product_attention`` (``N * M * (d_k + d_v)`` per head:
-  the ``q k^T`` and attention-times-values products) and GSA's axial positional passes, a custom
-  autograd function that fvcore sees as one ``prim::PythonOp`` (``N * L * (d_k + d_v)`` for a pass
-  along an axis of length ``L``).
+  the ``q k^T`` and attention-times-values products), GSA's axial positional passes and its content
+  branch, custom autograd functions that fvcore sees as one ``prim::PythonOp`` each
+  (``N * L * (d_k + d_v)`` for a pass along an axis of length ``L``; ``2 N d_k d_v / h`` for the
+  content branch, plus its softmaxes).
 * **Per-element costs** (fvcore's conventions where it has one), also in the MAC total:
   batch norm 2 per element in eval mode (fvcore), adaptive average pool 1 per input element (fvcore),
   average pool 1 per input element of each window, ``mean``/``sum`` 1 per input element, softmax 3
@@ -48,7 +49,7 @@ from gsa_cli.errors import GsaError
 PRODUCT_OPS = frozenset(
     {
         *("conv", "linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "einsum"),
-        *("scaled_dot_product_attention", "axial_relative_attention"),
+        *("scaled_dot_product_attention", "axial_relative_attention", "content_attention"),
     }
 )
 ELEMENTWISE_OPS = frozenset(
@@ -218,12 +219,34 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
 def _axial_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     """GSA's axial positional pass (:class:`~gsa_cli.models.gsa.AxialRelativeAttention`).
 
-    With queries ``(h, A, d, M)`` and values ``(h, M, c, A)``: the logits ``h A M A d`` and their
-    product with the values ``h M A A c``.
+    With queries ``(B, h, d, H, W)``, values ``(B, h, c, H, W)`` and pairs ``(h, A, d, A)`` for the
+    attended axis of length ``A``: the logits ``B h H W A d`` and their product with the values
+    ``B h H W A c``.
     """
-    heads, length, keys, rows = _known_shape(inputs[0], "axial attention")
-    values = _known_shape(inputs[1], "axial attention")[-2]
-    return Counter({"axial_relative_attention": heads * length * rows * length * (keys + values)})
+    batch, heads, keys, height, width = _known_shape(inputs[0], "axial attention")
+    values = _known_shape(inputs[1], "axial attention")[2]
+    length = _known_shape(inputs[2], "axial attention")[1]
+    return Counter({"axial_relative_attention": batch * heads * height * width * length * (keys + values)})
+
+
+def _content_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """GSA's content branch (:class:`~gsa_cli.models.gsa.ContentAttention`).
+
+    With queries and keys ``(B, h, d, N)`` and values ``(B, h, c, N)``: the context ``B h d c N`` and
+    its product with the queries ``B h c d N``; the softmax of the keys over positions (and of the
+    queries over channels with ``query_softmax``) at :data:`SOFTMAX_COST` per element.
+    """
+    batch, heads, keys, positions = _known_shape(inputs[0], "content attention")
+    values = _known_shape(inputs[2], "content attention")[2]
+    # The traced PythonOp keeps its non-tensor argument (query_softmax) as a scalar, not an input.
+    query_softmax = bool(outputs[0].node().scalar_args()[0])
+    softmaxes = 2 if query_softmax else 1
+    return Counter(
+        {
+            "content_attention": 2 * batch * heads * keys * values * positions,
+            "softmax": SOFTMAX_COST * softmaxes * batch * heads * keys * positions,
+        }
+    )
 
 
 def _softmax_cost(inputs: list[Any], outputs: list[Any]) -> int:
@@ -283,6 +306,7 @@ FVCORE_HANDLES: dict[str, Handle] = {
     "aten::einsum": _einsum_macs,
     "aten::scaled_dot_product_attention": _sdpa_macs,
     "prim::PythonOp.AxialRelativeAttention": _axial_attention_macs,
+    "prim::PythonOp.ContentAttention": _content_attention_macs,
     "aten::softmax": _softmax_cost,
     "aten::log_softmax": _softmax_cost,
     "aten::avg_pool2d": _avg_pool2d_cost,

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gsa_cli.models import GlobalSelfAttention2d
 from gsa_cli.models import gsa as gsa_module
-from gsa_cli.models.gsa import AxialRelativeAttention
+from gsa_cli.models.gsa import AxialRelativeAttention, ContentAttention
 
 
 def naive_gsa(module: GlobalSelfAttention2d, x: torch.Tensor) -> torch.Tensor:
@@ -263,13 +263,31 @@ def result_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.usefixtures("logits_chunk", "result_layout")
-def test_axial_pass_gradients_pass_gradcheck() -> None:
+@pytest.mark.parametrize("axis", [3, 4], ids=["column pass", "row pass"])
+def test_axial_pass_gradients_pass_gradcheck(axis: int) -> None:
     torch.manual_seed(0)
-    heads, size, rows, dk, dv = 3, 5, 2, 3, 2  # some results short enough to transpose
-    queries = torch.randn(heads, size, dk, rows, dtype=torch.float64, requires_grad=True)
-    values = torch.randn(heads, rows, dv, size, dtype=torch.float64, requires_grad=True)
-    pairs = torch.randn(heads, size, dk, size, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(AxialRelativeAttention.apply, (queries, values, pairs))
+    batch, heads, dk, dv, height, width = 2, 3, 3, 2, 5, 4  # some results short enough to transpose
+    # Strided views, as the module passes them (slices of its projection).
+    projection = torch.randn(batch, heads * (dk + dv), height, width, dtype=torch.float64)
+    queries = projection[:, : heads * dk].unflatten(1, (heads, dk)).detach().requires_grad_(True)
+    values = projection[:, heads * dk :].unflatten(1, (heads, dv)).detach().requires_grad_(True)
+    length = queries.shape[axis]
+    pairs = torch.randn(heads, length, dk, length, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, v, p: AxialRelativeAttention.apply(q, v, p, axis), (queries, values, pairs)
+    )
+
+
+@pytest.mark.parametrize("query_softmax", [False, True], ids=["plain queries", "query softmax"])
+def test_content_branch_gradients_pass_gradcheck(query_softmax: bool) -> None:
+    torch.manual_seed(0)
+    batch, heads, dk, dv, positions = 2, 3, 3, 2, 7
+    projection = torch.randn(batch, heads * (2 * dk + dv), positions, dtype=torch.float64)
+    q, k, v = projection.split((heads * dk, heads * dk, heads * dv), dim=1)
+    inputs = [t.unflatten(1, (heads, -1)).detach().requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ContentAttention.apply(q, k, v, query_softmax), tuple(inputs)
+    )
 
 
 @pytest.mark.usefixtures("logits_chunk", "result_layout")

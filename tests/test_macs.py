@@ -81,7 +81,7 @@ def gsa_expected(*, c_in: int, dk: int, dv: int, heads: int, height: int, width:
     return {
         "conv": n * c_in * (2 * dk + dv),  # the 1x1 qkv projection
         # content: context = K_s V^T (dk/h x dv/h per position per head), then context^T q: twice.
-        "einsum": 2 * n * dk * dv // heads,
+        "content_attention": 2 * n * dk * dv // heads,
         # positional: column logits N*H*dk and aggregation N*H*dv; row pass the same with W.
         "axial_relative_attention": n * height * (dk + dv) + n * width * (dk + dv),
         "softmax": 3 * dk * n,  # the keys' softmax over positions
@@ -103,7 +103,10 @@ def test_gsa_module_count_matches_the_hand_formula(
     assert count.by_operator == expected
     assert count.total == sum(expected.values()) - expected["add"]
     assert count.elementwise == expected["add"]
-    assert count.products == expected["conv"] + expected["einsum"] + expected["axial_relative_attention"]
+    assert (
+        count.products
+        == expected["conv"] + expected["content_attention"] + expected["axial_relative_attention"]
+    )
     assert count.uncounted == {}
 
 
@@ -115,11 +118,20 @@ def test_gsa_module_stride_two_adds_a_pool_over_every_input_element() -> None:
 
 def test_gsa_module_branches_switch_their_counts_off() -> None:
     content = count_module(GlobalSelfAttention2d(8, 8, heads=2, span=6, positional=False), 8, 6, 6, FVCORE)
-    assert content.by_operator == {"conv": 36 * 8 * 24, "einsum": 2 * 36 * 8 * 8 // 2, "softmax": 3 * 8 * 36}
+    assert content.by_operator == {
+        "conv": 36 * 8 * 24,
+        "content_attention": 2 * 36 * 8 * 8 // 2,
+        "softmax": 3 * 8 * 36,
+    }
     positional = count_module(GlobalSelfAttention2d(8, 8, heads=2, span=6, content=False), 8, 6, 6, FVCORE)
     assert "softmax" not in positional.by_operator
     assert positional.by_operator["axial_relative_attention"] == 36 * 6 * 16 * 2
-    assert "einsum" not in positional.by_operator
+    assert "content_attention" not in positional.by_operator
+
+
+def test_gsa_query_softmax_counts_a_second_softmax() -> None:
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=6, positional=False, query_softmax=True)
+    assert count_module(module, 8, 6, 6, FVCORE).by_operator["softmax"] == 2 * 3 * 8 * 36
 
 
 def test_both_counters_agree_on_the_products_of_the_gsa_module() -> None:
@@ -151,7 +163,7 @@ def test_full_attention_count_matches_the_hand_formula() -> None:
 def test_attention_grows_linearly_for_gsa_content_and_quadratically_for_full() -> None:
     content = GlobalSelfAttention2d(8, 8, heads=2, span=16, positional=False)
     full = FullSelfAttention2d(8, 8, heads=2)
-    small, large = (count_module(content, 8, s, s, FVCORE).by_operator["einsum"] for s in (8, 16))
+    small, large = (count_module(content, 8, s, s, FVCORE).by_operator["content_attention"] for s in (8, 16))
     assert large == 4 * small  # 4x the positions
     small, large = (
         count_module(full, 8, s, s, FVCORE).by_operator["scaled_dot_product_attention"] for s in (8, 16)

@@ -86,11 +86,32 @@ def _logits(queries: Tensor, pairs: Tensor) -> Tensor:
     return logits.unflatten(0, (group, length)).transpose(1, 2).flatten(0, 1)
 
 
+def _pass_queries(queries: Tensor, axis: int) -> Tensor:
+    """``(B, h, d, H, W)`` as a contiguous ``(h, A, d, M)``: per head and attended position ``a``, the
+    ``d x M`` matrix of the queries of all ``M`` rows (the batch times the other axis)."""
+    return queries.permute(1, axis, 2, 0, 7 - axis).flatten(3).contiguous()
+
+
+def _pass_layout(tensor: Tensor, axis: int) -> Tensor:
+    """``(B, h, c, H, W)`` as ``(h, M, c, A)``: a copy (even of an expanded tensor: bmm on odd strides
+    copies matrix by matrix), laid out transposed when its GEMMs want it (see :func:`_transposed`)."""
+    other = 7 - axis
+    if _transposed(tensor.shape[2], tensor.shape[axis]):
+        return tensor.permute(1, 0, other, axis, 2).flatten(1, 2).contiguous().mT  # stored (h, M, A, c)
+    return tensor.permute(1, 0, other, 2, axis).flatten(1, 2).contiguous()
+
+
+def _map_layout(tensor: Tensor, batch: int, axis: int) -> Tensor:
+    """``(h, M, c, A)`` as a ``(B, h, c, H, W)`` view: the inverse of :func:`_pass_layout`."""
+    order = (1, 0, 3, 4, 2) if axis == 3 else (1, 0, 3, 2, 4)
+    return tensor.unflatten(1, (batch, -1)).permute(order)
+
+
 class AxialRelativeAttention(torch.autograd.Function):
     """One axial pass of the positional branch, with its logits recomputed in backward.
 
-    For each head and each query position ``a`` along the axis (spec 1.2, column pass with ``i`` the
-    key position)::
+    For each head, along ``axis`` (3: the column pass over the height, 4: the row pass over the
+    width), each query position ``a`` and each key position ``i``::
 
         logits[a, m, i] = sum_d queries[a, d, m] * pairs[a, d, i]      (no softmax, no scaling)
         out[m, c, a]    = sum_i values[m, c, i] * logits[a, m, i]
@@ -98,50 +119,57 @@ class AxialRelativeAttention(torch.autograd.Function):
     where ``m`` runs over the batch and the other axis. The logits are ``A`` times larger than the
     activations; they are formed a head at a time on large maps (all heads at once on small ones, see
     :data:`PER_HEAD_LOGITS`) and never stored: backward forms them again, which costs one small matrix
-    product and saves most of the memory.
+    product and saves most of the memory. The inputs are saved as they come (views of the module's
+    projection): the copies laid out for the products are made inside, again in backward, and never
+    kept.
 
-    Shapes: ``queries (h, A, d, M)``, ``values (h, M, c, A)``, ``pairs (h, A, d, A)``; returns
-    ``(h, M, c, A)``, possibly as a transposed view. Every product is a batched GEMM writing straight
-    into its result, each result laid out so that its GEMM runs fast (:data:`SHORT_COLUMNS`). With
-    one head per chunk they run on strided views and nothing of the logits' size is copied.
+    Shapes: ``queries (B, h, d, H, W)``, ``values (B, h, c, H, W)``, ``pairs (h, A, d, A)``; returns
+    ``(B, h, c, H, W)`` as a strided view of the products' result, and strided input gradients. Every
+    product is a batched GEMM writing straight into its result, each result laid out so that its GEMM
+    runs fast (:data:`SHORT_COLUMNS`). With one head per chunk they run on strided views and nothing
+    of the logits' size is copied.
     """
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, queries: Tensor, values: Tensor, pairs: Tensor
+        ctx: torch.autograd.function.FunctionCtx, queries: Tensor, values: Tensor, pairs: Tensor, axis: int
     ) -> Tensor:
         dtype = queries.dtype
         values, pairs = values.to(dtype), pairs.to(dtype)
         ctx.save_for_backward(queries, values, pairs)
-        heads, length, _, rows = queries.shape
-        out = _empty_result(values, values.shape)  # (h, M, c, A)
+        ctx.axis = axis  # type: ignore[attr-defined]
+        q = _pass_queries(queries, axis)  # (h, A, d, M)
+        v = _pass_layout(values, axis)  # (h, M, c, A)
+        heads, length, _, rows = q.shape
+        out = _empty_result(v, v.shape)  # (h, M, c, A)
         for chunk in _head_chunks(heads, length, rows):
-            logits = _logits(queries[chunk], pairs[chunk])  # (G·M, A_a, A_i)
+            logits = _logits(q[chunk], pairs[chunk])  # (G·M, A_a, A_i)
             # out[m] (c x a) = values[m] (c x i) @ logits[m]^T (i x a)
-            _bmm(values[chunk].flatten(0, 1), logits.mT, out=out[chunk].flatten(0, 1))
-        return out
+            _bmm(v[chunk].flatten(0, 1), logits.mT, out=out[chunk].flatten(0, 1))
+        return _map_layout(out, queries.shape[0], axis)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         queries, values, pairs = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_q, need_v, need_p = ctx.needs_input_grad  # type: ignore[attr-defined]
-        heads, length, _, rows = queries.shape
-        # In the layout of the forward result: bmm on odd strides copies matrix by matrix.
-        grad = grad.to(queries.dtype)  # (h, M, c, A)
-        grad = grad.mT.contiguous().mT if _transposed(*grad.shape[-2:]) else grad.contiguous()
-        grad_q = _empty_result(queries, queries.shape) if need_q else None  # (h, A, d, M)
-        grad_v = _empty_result(values, values.shape) if need_v else None  # (h, M, c, A)
+        axis: int = ctx.axis  # type: ignore[attr-defined]
+        need_q, need_v, need_p, _ = ctx.needs_input_grad  # type: ignore[attr-defined]
+        q = _pass_queries(queries, axis)  # (h, A, d, M), copied again
+        v = _pass_layout(values, axis)  # (h, M, c, A)
+        g_all = _pass_layout(grad.to(q.dtype), axis)  # (h, M, c, A), in the forward result's layout
+        heads, length, _, rows = q.shape
+        grad_q = _empty_result(q, q.shape) if need_q else None  # (h, A, d, M)
+        grad_v = _empty_result(v, v.shape) if need_v else None  # (h, M, c, A)
         grad_p = _empty_result(pairs, pairs.shape) if need_p else None  # (h, A, d, A)
         for chunk in _head_chunks(heads, length, rows):
-            q, p = queries[chunk], pairs[chunk]  # (G, A, d, M), (G, A, d, A)
-            g = grad[chunk].flatten(0, 1)  # (G·M, c, A_a)
+            q_chunk, p = q[chunk], pairs[chunk]  # (G, A, d, M), (G, A, d, A)
+            g = g_all[chunk].flatten(0, 1)  # (G·M, c, A_a)
             if grad_v is not None:
                 # grad_v[m] (c x i) = g[m] (c x a) @ logits[m] (a x i), the logits recomputed
-                _bmm(g, _logits(q, p), out=grad_v[chunk].flatten(0, 1))
+                _bmm(g, _logits(q_chunk, p), out=grad_v[chunk].flatten(0, 1))
             if grad_q is None and grad_p is None:
                 continue
             # grad_logits[m] (a x i) = g[m]^T (a x c) @ values[m] (c x i)
-            grad_logits = _bmm(g.mT, values[chunk].flatten(0, 1))  # (G·M, A_a, A_i)
+            grad_logits = _bmm(g.mT, v[chunk].flatten(0, 1))  # (G·M, A_a, A_i)
             # by_query: (G·A_a, M, A_i), a view when G == 1
             by_query = grad_logits.unflatten(0, (-1, rows)).transpose(1, 2).flatten(0, 1)
             if grad_q is not None:
@@ -149,8 +177,82 @@ class AxialRelativeAttention(torch.autograd.Function):
                 _bmm(p.flatten(0, 1), by_query.mT, out=grad_q[chunk].flatten(0, 1))
             if grad_p is not None:
                 # grad_p[a] (d x i) = queries[a] (d x m) @ by_query[a] (m x i)
-                _bmm(q.flatten(0, 1), by_query, out=grad_p[chunk].flatten(0, 1))
-        return grad_q, grad_v, grad_p
+                _bmm(q_chunk.flatten(0, 1), by_query, out=grad_p[chunk].flatten(0, 1))
+        batch = queries.shape[0]
+        if grad_q is not None:
+            order = (3, 0, 2, 1, 4) if axis == 3 else (3, 0, 2, 4, 1)
+            grad_q = grad_q.unflatten(3, (batch, -1)).permute(order)  # (B, h, d, H, W), a view
+        if grad_v is not None:
+            grad_v = _map_layout(grad_v, batch, axis)  # (B, h, c, H, W), a view
+        return grad_q, grad_v, grad_p, None
+
+
+def _softmax_backward(grad: Tensor, probabilities: Tensor, dim: int) -> Tensor:
+    """The gradient of a softmax's input from that of its output (both in the softmax's dtype)."""
+    return torch.ops.aten._softmax_backward_data(grad, probabilities, dim, probabilities.dtype)
+
+
+class ContentAttention(torch.autograd.Function):
+    """The content branch (spec 1.1), keeping nothing of the activations' size for backward.
+
+    ``keys = softmax(k)`` over positions, ``context = keys v^T`` per head (``d_k/h x d_v/h``),
+    ``out = context^T q`` (``q`` softmaxed over its channels first with ``query_softmax``). Only the
+    inputs, as they come (views of the projection), and the small context are saved; backward forms
+    the softmaxes again. Softmaxes run in at least float32.
+
+    Shapes: ``queries (B, h, d, N)``, ``keys (B, h, d, N)``, ``values (B, h, c, N)``; returns
+    ``(B, h, c, N)``.
+    """
+
+    @staticmethod
+    def _queries(queries: Tensor, query_softmax: bool) -> Tensor:
+        """The queries, softmaxed over their channels (in at least float32) with ``query_softmax``;
+        contiguous either way: matmul on views whose batch dimensions do not merge copies matrix by
+        matrix."""
+        if query_softmax:
+            return queries.softmax(dim=2, dtype=torch.promote_types(queries.dtype, torch.float32))
+        return queries.contiguous()
+
+    @staticmethod
+    def _keys(keys: Tensor) -> Tensor:
+        """The keys softmaxed over positions, in at least float32."""
+        return keys.softmax(dim=-1, dtype=torch.promote_types(keys.dtype, torch.float32))
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        query_softmax: bool,
+    ) -> Tensor:
+        dtype = values.dtype
+        k = ContentAttention._keys(keys)
+        context = torch.matmul(k.to(dtype), values.contiguous().mT)  # (B, h, d, c)
+        del k
+        ctx.save_for_backward(queries, keys, values, context)
+        ctx.query_softmax = query_softmax  # type: ignore[attr-defined]
+        return torch.matmul(context.mT, ContentAttention._queries(queries, query_softmax).to(dtype))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        queries, keys, values, context = ctx.saved_tensors  # type: ignore[attr-defined]
+        query_softmax: bool = ctx.query_softmax  # type: ignore[attr-defined]
+        dtype = values.dtype
+        # In an order that keeps few activation-sized tensors alive at once (this is the module's peak).
+        grad = grad.to(dtype).contiguous()  # (B, h, c, N)
+        q = ContentAttention._queries(queries, query_softmax)
+        grad_context = torch.matmul(q.to(dtype), grad.mT)  # (B, h, d, c)
+        grad_q = torch.matmul(context, grad)  # (B, h, d, N)
+        del grad
+        if query_softmax:
+            grad_q = _softmax_backward(grad_q.to(q.dtype), q, dim=2)
+        del q
+        k = ContentAttention._keys(keys)
+        grad_v = torch.matmul(grad_context.mT, k.to(dtype))  # (B, h, c, N)
+        grad_k = torch.matmul(grad_context, values.contiguous())  # (B, h, d, N): d keys first
+        grad_k = _softmax_backward(grad_k.to(k.dtype), k, dim=-1)
+        return grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v, None
 
 
 class GlobalSelfAttention2d(nn.Module):
@@ -246,36 +348,22 @@ class GlobalSelfAttention2d(nn.Module):
         return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 3, 1).contiguous()  # (h, a, d_k/h, i)
 
     def _content(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Spec 1.1: softmax of k over positions, context = K_s v^T, content = context^T q.
-
-        Einsum letters: B batch, h head, d key channel, c value channel, n position.
-        """
-        # Softmaxes in at least float32 whatever the compute precision, then back to v's dtype.
-        wide = torch.promote_types(k.dtype, torch.float32)
-        keys = k.flatten(3).softmax(dim=-1, dtype=wide).to(v.dtype)  # (B, h, dk/h, N)
-        queries = q.flatten(3)  # (B, h, dk/h, N)
-        if self.query_softmax:
-            queries = queries.softmax(dim=2, dtype=wide).to(v.dtype)
-        context = torch.einsum("Bhdn,Bhcn->Bhdc", keys, v.flatten(3))  # (B, h, dk/h, dv/h)
-        content = torch.einsum("Bhdc,Bhdn->Bhcn", context, queries)  # (B, h, dv/h, N)
+        """Spec 1.1: softmax of k over positions, context = K_s v^T, content = context^T q."""
+        content = ContentAttention.apply(q.flatten(3), k.flatten(3), v.flatten(3), self.query_softmax)
         return content.unflatten(-1, q.shape[-2:])  # (B, h, dv/h, H, W)
 
     def _positional(self, q: Tensor, v: Tensor) -> Tensor:
-        """Spec 1.2: column pass, batch norm, row pass; no softmax, no scaling."""
+        """Spec 1.2: column pass, batch norm, row pass; no softmax, no scaling.
+
+        Returns the row pass's result as a strided ``(B, h, dv/h, H, W)`` view.
+        """
         batch, heads, dvh, height, width = v.shape
-        dkh = q.shape[2]
-        # Column pass: y(a,b) = sum_i (q(a,b) . rel_col[i-a]) v(i,b); GEMM rows m = (B, b).
-        queries = q.permute(1, 3, 2, 0, 4).reshape(heads, height, dkh, batch * width)  # (h, a, d, B·b)
-        values = v.permute(1, 0, 4, 2, 3).reshape(heads, batch * width, dvh, height)  # (h, B·b, c, i)
-        y = AxialRelativeAttention.apply(queries, values, self._pairs(self.rel_col, height))
-        y = y.unflatten(1, (batch, width)).permute(1, 0, 3, 4, 2)  # (B, h, c, a, b)
+        # Column pass: y(a,b) = sum_i (q(a,b) . rel_col[i-a]) v(i,b).
+        y = AxialRelativeAttention.apply(q, v, self._pairs(self.rel_col, height), 3)  # (B, h, c, H, W)
         y = self.bn(y.reshape(batch, heads * dvh, height, width))  # BN over all C_out channels
-        # Row pass: p(a,b) = sum_j (q(a,b) . rel_row[j-b]) y(a,j); GEMM rows m = (B, a).
-        queries = q.permute(1, 4, 2, 0, 3).reshape(heads, width, dkh, batch * height)  # (h, b, d, B·a)
-        values = y.view(batch, heads, dvh, height, width).permute(1, 0, 3, 2, 4)  # (h, B, a, c, j)
-        values = values.reshape(heads, batch * height, dvh, width)  # (h, B·a, c, j)
-        p = AxialRelativeAttention.apply(queries, values, self._pairs(self.rel_row, width))
-        return p.unflatten(1, (batch, height)).permute(1, 0, 3, 2, 4)  # (B, h, c, a, b)
+        # Row pass: p(a,b) = sum_j (q(a,b) . rel_row[j-b]) y(a,j).
+        y = y.view(batch, heads, dvh, height, width)
+        return AxialRelativeAttention.apply(q, y, self._pairs(self.rel_row, width), 4)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
@@ -287,10 +375,10 @@ class GlobalSelfAttention2d(nn.Module):
 
         out = self._content(q, k, v) if self.content else None  # (B, h, dv/h, H, W)
         if self.positional:
-            positional = self._positional(q, v)  # (B, h, dv/h, H, W)
-            out = positional if out is None else out + positional  # spec 1.3
+            positional = self._positional(q, v)  # (B, h, dv/h, H, W), strided
+            out = positional.contiguous() if out is None else out + positional  # spec 1.3
         assert out is not None  # at least one branch is on
-        out = out.reshape(batch, dv, height, width)  # heads concatenated, head-major
+        out = out.view(batch, dv, height, width)  # heads concatenated, head-major
         if self.stride == 2:
             # ceil_mode keeps odd sizes in step with the strided 1x1 shortcut.
             out = F.avg_pool2d(out, 2, ceil_mode=True)
