@@ -79,8 +79,10 @@ def setup(device_spec: str) -> tuple[World, torch.device]:
 
 
 def teardown() -> None:
+    global _flags_group
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the flags' one included
+    _flags_group = None
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -376,9 +376,9 @@ class GlobalSelfAttention2d(nn.Module):
         out = self._content(q, k, v) if self.content else None  # (B, h, dv/h, H, W)
         if self.positional:
             positional = self._positional(q, v)  # (B, h, dv/h, H, W), strided
-            out = positional.contiguous() if out is None else out + positional  # spec 1.3
+            out = positional if out is None else out + positional  # spec 1.3
         assert out is not None  # at least one branch is on
-        out = out.view(batch, dv, height, width)  # heads concatenated, head-major
+        out = out.reshape(batch, dv, height, width)  # heads concatenated, head-major
         if self.stride == 2:
             # ceil_mode keeps odd sizes in step with the strided 1x1 shortcut.
             out = F.avg_pool2d(out, 2, ceil_mode=True)
