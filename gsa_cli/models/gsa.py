@@ -138,38 +138,42 @@ class AxialRelativeAttention(torch.autograd.Function):
         values, pairs = values.to(dtype), pairs.to(dtype)
         ctx.save_for_backward(queries, values, pairs)
         ctx.axis = axis  # type: ignore[attr-defined]
-        q = _pass_queries(queries, axis)  # (h, A, d, M)
-        v = _pass_layout(values, axis)  # (h, M, c, A)
-        heads, length, _, rows = q.shape
-        out = _empty_result(v, v.shape)  # (h, M, c, A)
+        batch, heads, _, height, width = queries.shape
+        length, rows = queries.shape[axis], batch * (height * width // queries.shape[axis])
+        out = _empty_result(values, (heads, rows, values.shape[2], length))  # (h, M, c, A)
         for chunk in _head_chunks(heads, length, rows):
-            logits = _logits(q[chunk], pairs[chunk])  # (G·M, A_a, A_i)
+            # The chunk's copies in the products' layout, made here: a head at a time on large maps.
+            q = _pass_queries(queries[:, chunk], axis)  # (G, A, d, M)
+            v = _pass_layout(values[:, chunk], axis)  # (G, M, c, A)
+            logits = _logits(q, pairs[chunk])  # (G·M, A_a, A_i)
             # out[m] (c x a) = values[m] (c x i) @ logits[m]^T (i x a)
-            _bmm(v[chunk].flatten(0, 1), logits.mT, out=out[chunk].flatten(0, 1))
-        return _map_layout(out, queries.shape[0], axis)
+            _bmm(v.flatten(0, 1), logits.mT, out=out[chunk].flatten(0, 1))
+        return _map_layout(out, batch, axis)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         queries, values, pairs = ctx.saved_tensors  # type: ignore[attr-defined]
         axis: int = ctx.axis  # type: ignore[attr-defined]
         need_q, need_v, need_p, _ = ctx.needs_input_grad  # type: ignore[attr-defined]
-        q = _pass_queries(queries, axis)  # (h, A, d, M), copied again
-        v = _pass_layout(values, axis)  # (h, M, c, A)
-        g_all = _pass_layout(grad.to(q.dtype), axis)  # (h, M, c, A), in the forward result's layout
-        heads, length, _, rows = q.shape
-        grad_q = _empty_result(q, q.shape) if need_q else None  # (h, A, d, M)
-        grad_v = _empty_result(v, v.shape) if need_v else None  # (h, M, c, A)
+        grad = grad.to(queries.dtype)
+        batch, heads, dkh, height, width = queries.shape
+        length, rows = queries.shape[axis], batch * (height * width // queries.shape[axis])
+        grad_q = _empty_result(queries, (heads, length, dkh, rows)) if need_q else None  # (h, A, d, M)
+        grad_v = _empty_result(values, (heads, rows, values.shape[2], length)) if need_v else None
         grad_p = _empty_result(pairs, pairs.shape) if need_p else None  # (h, A, d, A)
         for chunk in _head_chunks(heads, length, rows):
-            q_chunk, p = q[chunk], pairs[chunk]  # (G, A, d, M), (G, A, d, A)
-            g = g_all[chunk].flatten(0, 1)  # (G·M, c, A_a)
+            # The forward's copies made again, and the gradient's, a chunk of heads at a time.
+            q = _pass_queries(queries[:, chunk], axis)  # (G, A, d, M)
+            p = pairs[chunk]  # (G, A, d, A)
+            g = _pass_layout(grad[:, chunk], axis).flatten(0, 1)  # (G·M, c, A_a), as the forward result
             if grad_v is not None:
                 # grad_v[m] (c x i) = g[m] (c x a) @ logits[m] (a x i), the logits recomputed
-                _bmm(g, _logits(q_chunk, p), out=grad_v[chunk].flatten(0, 1))
+                _bmm(g, _logits(q, p), out=grad_v[chunk].flatten(0, 1))
             if grad_q is None and grad_p is None:
                 continue
+            v = _pass_layout(values[:, chunk], axis).flatten(0, 1)  # (G·M, c, A_i)
             # grad_logits[m] (a x i) = g[m]^T (a x c) @ values[m] (c x i)
-            grad_logits = _bmm(g.mT, v[chunk].flatten(0, 1))  # (G·M, A_a, A_i)
+            grad_logits = _bmm(g.mT, v)  # (G·M, A_a, A_i)
             # by_query: (G·A_a, M, A_i), a view when G == 1
             by_query = grad_logits.unflatten(0, (-1, rows)).transpose(1, 2).flatten(0, 1)
             if grad_q is not None:
@@ -177,8 +181,7 @@ class AxialRelativeAttention(torch.autograd.Function):
                 _bmm(p.flatten(0, 1), by_query.mT, out=grad_q[chunk].flatten(0, 1))
             if grad_p is not None:
                 # grad_p[a] (d x i) = queries[a] (d x m) @ by_query[a] (m x i)
-                _bmm(q_chunk.flatten(0, 1), by_query, out=grad_p[chunk].flatten(0, 1))
-        batch = queries.shape[0]
+                _bmm(q.flatten(0, 1), by_query, out=grad_p[chunk].flatten(0, 1))
         if grad_q is not None:
             order = (3, 0, 2, 1, 4) if axis == 3 else (3, 0, 2, 4, 1)
             grad_q = grad_q.unflatten(3, (batch, -1)).permute(order)  # (B, h, d, H, W), a view
@@ -249,9 +252,9 @@ class ContentAttention(torch.autograd.Function):
             grad_q = _softmax_backward(grad_q.to(q.dtype), q, dim=2)
         del q
         k = ContentAttention._keys(keys)
-        grad_v = torch.matmul(grad_context.mT, k.to(dtype))  # (B, h, c, N)
-        grad_k = torch.matmul(grad_context, values.contiguous())  # (B, h, d, N): d keys first
+        grad_k = torch.matmul(grad_context, values.contiguous())  # (B, h, d, N): d keys, of k
         grad_k = _softmax_backward(grad_k.to(k.dtype), k, dim=-1)
+        grad_v = torch.matmul(grad_context.mT, k.to(dtype))  # (B, h, c, N)
         return grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v, None
 
 
