@@ -248,11 +248,17 @@ def test_positional_cost_grows_as_positions_times_height_plus_width() -> None:
     assert attention[8] == 2 * (64 * 8 * 8 + 64 * 8 * 8)
 
 
-@pytest.fixture(params=["all heads at once", "one head at a time"])
+@pytest.fixture(params=["all heads at once", "two heads, then one", "one head at a time"])
 def logits_chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run a test with each way of chunking the heads (large maps go one head at a time)."""
-    limits = {"all heads at once": 1 << 30, "one head at a time": 1}
-    monkeypatch.setattr(gsa_module, "PER_HEAD_LOGITS", limits[request.param])
+    """Run a test with each way of chunking the heads (large maps go one head at a time, small ones
+    in groups; with the gradchecks' 3 heads, groups of two make a chunk of two, then one of one)."""
+    per_head_logits, groups = {
+        "all heads at once": (1 << 30, 1),
+        "two heads, then one": (1 << 30, 2),
+        "one head at a time": (1, 1),
+    }[request.param]
+    monkeypatch.setattr(gsa_module, "PER_HEAD_LOGITS", per_head_logits)
+    monkeypatch.setattr(gsa_module, "HEAD_GROUPS", groups)
 
 
 @pytest.fixture(params=["short results transposed", "never transposed", "always transposed"])

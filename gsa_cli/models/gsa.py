@@ -39,10 +39,14 @@ PER_HEAD_LOGITS = 1 << 16
 SHORT_COLUMNS = 16
 
 
+# On small maps, heads go into products HEAD_GROUPS groups at a time: the layout copies made for the
+# products (of the queries, values and gradient) are then a fraction of the activations.
+HEAD_GROUPS = 4
+
+
 def _head_chunks(heads: int, length: int, rows: int) -> list[slice]:
-    if length * rows * length >= PER_HEAD_LOGITS:
-        return [slice(head, head + 1) for head in range(heads)]
-    return [slice(0, heads)]
+    per_chunk = 1 if length * rows * length >= PER_HEAD_LOGITS else -(-heads // HEAD_GROUPS)
+    return [slice(start, min(start + per_chunk, heads)) for start in range(0, heads, per_chunk)]
 
 
 def _transposed(rows: int, columns: int) -> bool:
