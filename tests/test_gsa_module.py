@@ -284,6 +284,27 @@ def test_axial_pass_gradients_pass_gradcheck(axis: int) -> None:
     )
 
 
+@pytest.mark.usefixtures("logits_chunk")
+def test_axial_pass_is_twice_differentiable() -> None:
+    # A gradient penalty differentiates the backward itself (create_graph=True).
+    torch.manual_seed(0)
+    queries = torch.randn(2, 2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    pairs = torch.randn(2, 4, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda q, v, p: AxialRelativeAttention.apply(q, v, p, 4), (queries, values, pairs)
+    )
+
+
+@pytest.mark.parametrize("query_softmax", [False, True], ids=["plain queries", "query softmax"])
+def test_content_branch_is_twice_differentiable(query_softmax: bool) -> None:
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradgradcheck(
+        lambda q, k, v: ContentAttention.apply(q, k, v, query_softmax), tuple(inputs)
+    )
+
+
 @pytest.mark.parametrize("query_softmax", [False, True], ids=["plain queries", "query softmax"])
 def test_content_branch_gradients_pass_gradcheck(query_softmax: bool) -> None:
     torch.manual_seed(0)

@@ -69,6 +69,9 @@ def _bmm(left: Tensor, right: Tensor, out: Tensor | None = None) -> Tensor:
     :func:`_empty_result`, a view of a chunk of it) sets the orientation.
     """
     transposed = _transposed(left.shape[1], right.shape[2]) if out is None else not out.is_contiguous()
+    if out is not None and torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
+        # A backward run with create_graph (a gradient penalty): out= is not differentiable.
+        return out.copy_(torch.bmm(right.mT, left.mT).mT if transposed else torch.bmm(left, right))
     if transposed:
         return torch.bmm(right.mT, left.mT, out=None if out is None else out.mT).mT
     return torch.bmm(left, right, out=out)
@@ -204,8 +207,8 @@ class ContentAttention(torch.autograd.Function):
 
     ``keys = softmax(k)`` over positions, ``context = keys v^T`` per head (``d_k/h x d_v/h``),
     ``out = context^T q`` (``q`` softmaxed over its channels first with ``query_softmax``). Only the
-    inputs, as they come (views of the projection), and the small context are saved; backward forms
-    the softmaxes again. Softmaxes run in at least float32.
+    inputs are saved, as they come (views of the projection); backward forms the softmaxes and the
+    context again. Softmaxes run in at least float32.
 
     Shapes: ``queries (B, h, d, N)``, ``keys (B, h, d, N)``, ``values (B, h, c, N)``; returns
     ``(B, h, c, N)``.
@@ -234,29 +237,32 @@ class ContentAttention(torch.autograd.Function):
         query_softmax: bool,
     ) -> Tensor:
         dtype = values.dtype
-        k = ContentAttention._keys(keys)
-        context = torch.matmul(k.to(dtype), values.contiguous().mT)  # (B, h, d, c)
-        del k
-        ctx.save_for_backward(queries, keys, values, context)
+        context = torch.matmul(ContentAttention._keys(keys).to(dtype), values.contiguous().mT)  # (B, h, d, c)
+        ctx.save_for_backward(queries, keys, values)
         ctx.query_softmax = query_softmax  # type: ignore[attr-defined]
         return torch.matmul(context.mT, ContentAttention._queries(queries, query_softmax).to(dtype))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        queries, keys, values, context = ctx.saved_tensors  # type: ignore[attr-defined]
+        queries, keys, values = ctx.saved_tensors  # type: ignore[attr-defined]
         query_softmax: bool = ctx.query_softmax  # type: ignore[attr-defined]
         dtype = values.dtype
-        # In an order that keeps few activation-sized tensors alive at once (this is the module's peak).
+        # Everything formed again from the inputs (so that a backward with create_graph is itself
+        # differentiable), in an order that keeps few activation-sized tensors alive at once.
         grad = grad.to(dtype).contiguous()  # (B, h, c, N)
         q = ContentAttention._queries(queries, query_softmax)
         grad_context = torch.matmul(q.to(dtype), grad.mT)  # (B, h, d, c)
-        grad_q = torch.matmul(context, grad)  # (B, h, d, N)
+        if not query_softmax:
+            del q  # the softmax's backward needs it; the plain queries are a copy of a saved view
+        k = ContentAttention._keys(keys)
+        v = values.contiguous()
+        grad_q = torch.matmul(torch.matmul(k.to(dtype), v.mT), grad)  # context @ grad: (B, h, d, N)
         del grad
         if query_softmax:
             grad_q = _softmax_backward(grad_q.to(q.dtype), q, dim=2)
-        del q
-        k = ContentAttention._keys(keys)
-        grad_k = torch.matmul(grad_context, values.contiguous())  # (B, h, d, N): d keys, of k
+            del q
+        grad_k = torch.matmul(grad_context, v)  # (B, h, d, N): d keys, of k
+        del v
         grad_k = _softmax_backward(grad_k.to(k.dtype), k, dim=-1)
         grad_v = torch.matmul(grad_context.mT, k.to(dtype))  # (B, h, c, N)
         return grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v, None
