@@ -314,7 +314,6 @@ def test_two_process_run_skips_a_step_whose_batch_is_unreadable_on_one_rank(tmp_
                "--on-corrupt", "skip", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "skipping unreadable image" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["status"], summary["world_size"]) == ("finished", 2)
     # Fewer updates than batches: the steps with an unreadable batch on either rank were skipped.
