@@ -312,8 +312,20 @@ def test_two_process_run_skips_a_step_whose_batch_is_unreadable_on_one_rank(tmp_
                "--set", "data.dataset=imagenet", "--set", "data.num_classes=3",
                "--set", "recipe.batch_size=2", "--workers", "0", "--nproc", "2", "--device", "cpu",
                "--on-corrupt", "skip", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    process = subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # The bug is a hang. SIGTERM lets torchrun's agent stop its ranks; SIGKILL if it cannot.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+        pytest.fail("the two ranks hung: one stepped while the other skipped its unreadable batch")
+    assert process.returncode == 0, output
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["status"], summary["world_size"]) == ("finished", 2)
     # Fewer updates than batches: the steps with an unreadable batch on either rank were skipped.
