@@ -343,7 +343,8 @@ def _train(
         grad_clip=recipe.grad_clip,
         channels_last=channels_last,
         check=corrupt.check,
-        agree=distributed.all_ranks,
+        # Only skipping can leave a rank without a batch; failing stops the run on that rank.
+        agree=distributed.all_ranks if options.on_corrupt is OnCorrupt.SKIP else (lambda keep: keep),
         batch_transform=_batch_transform(config),
         sync_every=1 if device.type == "cpu" else 10,
     )
