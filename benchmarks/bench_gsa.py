@@ -25,7 +25,14 @@ minus the memory held before; on CPU the rise of the process's peak resident set
 through ``/proc/self/clear_refs``) over its resident set before, with glibc's mmap threshold fixed so
 that freed tensors leave the resident set.
 
+With ``--precision bf16`` (or ``fp16``) every implementation runs under autocast with float32
+weights, as ``gsa train --precision`` does; ``--channels-last`` gives the module and its input the
+channels-last memory format; ``--compile`` times ``torch.compile`` of each module (the warm-up
+iterations pay the compilation). Each row records the precision, layout and compilation it ran with.
+
     python benchmarks/bench_gsa.py --batch 8 --out benchmarks/results/bench_gsa_cpu.csv
+    python benchmarks/bench_gsa.py --device cuda --precision bf16 --channels-last --batch 32 \
+        --out benchmarks/results/bench_gsa_cuda_bf16_b32.csv
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from gsa_cli.models.full import FullSelfAttention2d  # noqa: E402
 from gsa_cli.models.gsa import GlobalSelfAttention2d, relative_index  # noqa: E402
-from gsa_cli.runtime import device_name, synchronize  # noqa: E402
+from gsa_cli.runtime import Precision, autocast, device_name, synchronize  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 IMPLEMENTATIONS = ["gsa", "einsum", "onehot", "conv3x3", "qkv1x1", "dense"]
@@ -138,45 +145,57 @@ def _status_kib(field: str) -> int:
 def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> dict[str, object]:
     """One (implementation, shape) measurement in this process."""
     device = torch.device(args.device)
+    precision = Precision(args.precision)
     torch.manual_seed(0)
     module = build(name, channels, size, args.heads).to(device)
     x = torch.randn(args.batch, channels, size, size, device=device)
+    if args.channels_last:
+        module, x = module.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    model: Callable[[Tensor], Tensor] = torch.compile(module) if args.compile else module
     row: dict[str, object] = {"impl": name, "shape": f"{size}x{size}x{channels}", "batch": args.batch}
 
+    def forward() -> None:
+        with autocast(device, precision):
+            model(x)
+
+    def train_step() -> None:
+        module.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = model(x).float().sum()
+        loss.backward()
+
+    with torch.no_grad(), autocast(device, precision):
+        row["out_dtype"] = str(model(x).dtype).removeprefix("torch.")  # what autocast made of it
     if args.memory:
         module.train()
         x.requires_grad_(True)
         # Steady state: one step first, so that one-time allocations (kernel caches, thread pools,
         # the autograd engine's) are not counted; its gradients are dropped, as a training loop does.
-        module(x).sum().backward()
+        train_step()
         module.zero_grad(set_to_none=True)
         x.grad = None
         if device.type == "cuda":
+            synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            module(x).sum().backward()
+            train_step()
             synchronize(device)
             row["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         else:
             with open("/proc/self/clear_refs", "w", encoding="utf-8") as refs:
                 refs.write("5")  # reset the peak resident set to the current one
             before = _status_kib("VmRSS")
-            module(x).sum().backward()
+            train_step()
             row["peak_mem_mib"] = (_status_kib("VmHWM") - before) / 1024
         return row
 
     module.eval()
     with torch.inference_mode():
-        forward = _timed(lambda: module(x), device, args.warmup, args.iters)
+        forward_times = _timed(forward, device, args.warmup, args.iters)
     module.train()
     x.requires_grad_(True)
-
-    def train_step() -> None:
-        module.zero_grad(set_to_none=True)
-        module(x).sum().backward()
-
-    backward = _timed(train_step, device, args.warmup, args.iters)
-    row["fwd_times"], row["fwd_bwd_times"] = forward, backward
+    row["fwd_times"] = forward_times
+    row["fwd_bwd_times"] = _timed(train_step, device, args.warmup, args.iters)
     return row
 
 
@@ -198,6 +217,10 @@ def _in_child(
         str(args.warmup),
         "--iters",
         str(args.iters),
+        "--precision",
+        args.precision,
+        *(["--channels-last"] if args.channels_last else []),
+        *(["--compile"] if args.compile else []),
     ]
     env = dict(os.environ)
     if memory:
@@ -220,6 +243,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    precisions = [p.value for p in Precision]
+    parser.add_argument("--precision", choices=precisions, default="fp32", help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last module and input")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile of each module")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per implementation and shape")
     parser.add_argument("--impl", default=",".join(IMPLEMENTATIONS), help="comma list of implementations")
     parser.add_argument("--stages", default="1,2,3,4", help="comma list of ResNet-50 stages (1-4)")
@@ -263,7 +290,9 @@ def main() -> None:
     table = pd.DataFrame(rows)
     table["device"] = device_name(device)
     table["torch"] = torch.__version__
-    table["precision"] = "fp32"
+    table["precision"] = args.precision
+    table["channels_last"] = args.channels_last
+    table["compile"] = args.compile
     table["host"] = platform.node()
     baseline = table[table["impl"] == "einsum"].set_index("shape")
     for column in ("fwd_bwd_ms", "peak_mem_mib"):
@@ -272,8 +301,14 @@ def main() -> None:
     conv = table[table["impl"] == "conv3x3"].set_index("shape")
     if "fwd_bwd_ms" in table and not conv.empty:
         table["fwd_bwd_vs_conv3x3"] = table["fwd_bwd_ms"] / table["shape"].map(conv["fwd_bwd_ms"])
-    shown = [c for c in table.columns if c not in ("device", "torch", "precision", "host")]
-    print(f"\n{device_name(device)}, torch {torch.__version__}, fp32, batch {args.batch}, heads {args.heads}")
+    setting = ("device", "torch", "precision", "channels_last", "compile", "host")
+    shown = [c for c in table.columns if c not in setting]
+    layout = ", channels-last" if args.channels_last else ""
+    compiled = ", torch.compile" if args.compile else ""
+    print(
+        f"\n{device_name(device)}, torch {torch.__version__}, {args.precision}{layout}{compiled}, "
+        f"batch {args.batch}, heads {args.heads}"
+    )
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     gsa = table[table["impl"] == "gsa"]
     for column in ("fwd_bwd_ms_vs_einsum", "peak_mem_mib_vs_einsum"):

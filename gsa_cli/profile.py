@@ -231,7 +231,8 @@ def _record(row: ProfileRow, prefix: str, timing: Timing, macs: int, flops_per_m
 def _measure(
     row: ProfileRow, config: Config, run: _Run, mode: Mode, macs: int, say: Callable[[str], None]
 ) -> None:
-    """Time the modes asked for into ``row``; an out-of-memory error ends the row, not the sweep."""
+    """Time the modes asked for into ``row``; an out-of-memory error ends the row, not the sweep, and
+    so does a training step that batch norm cannot take (one value per channel)."""
     timers = [("infer", _time_inference, 2), ("train", _time_training, 6)]
     for prefix, timer, flops_per_mac in timers:
         if not getattr(mode, prefix):
@@ -243,6 +244,12 @@ def _measure(
             if not is_out_of_memory(err):
                 raise
             row.status = f"out of memory ({prefix})"
+            break
+        except ValueError as err:
+            # Batch norm refuses to train on one value per channel: batch 1 with a 1x1 map somewhere.
+            if "more than 1 value per channel" not in str(err):
+                raise
+            row.status = f"batch too small for batch norm ({prefix})"
             break
         finally:
             gc.collect()

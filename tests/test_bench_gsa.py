@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 import torch
 
@@ -34,3 +36,32 @@ def test_einsum_baselines_match_the_module(onehot: bool, span: int) -> None:
         baseline.reference.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
     torch.testing.assert_close(baseline(x), baseline.reference(x))
+
+
+def test_benchmark_runs_every_implementation_under_bf16_autocast_channels_last(tmp_path: Path) -> None:
+    out = tmp_path / "bench.csv"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_gsa.py"), "--stages", "4", "--batch", "1"]
+    command += ["--iters", "1", "--warmup", "0", "--repeats", "1", "--precision", "bf16", "--channels-last"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=300)
+
+    table = pd.read_csv(out).set_index("impl")
+    assert list(table.index) == ["gsa", "einsum", "onehot", "conv3x3", "qkv1x1", "dense"]
+    assert "error" not in table
+    assert (table["precision"] == "bf16").all()
+    assert table["channels_last"].all()
+    assert (table["out_dtype"] == "bfloat16").all()  # the workers ran under autocast
+    assert (table[["fwd_ms", "fwd_bwd_ms", "peak_mem_mib"]] > 0).all().all()
+    assert table.loc["einsum", "fwd_bwd_ms_vs_einsum"] == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_script_stops_at_once_without_cuda(tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    script = ROOT / "benchmarks" / "gpu_runs.sh"
+    result = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "benchmarks/gpu_runs.sh: no CUDA device here; run it on a GPU machine"
+    )
+    assert not out.exists()

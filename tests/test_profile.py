@@ -127,6 +127,16 @@ def test_out_of_memory_is_recorded_in_its_row_and_the_sweep_goes_on(monkeypatch:
     assert rows[2].train_img_s is not None
 
 
+def test_a_batch_too_small_for_batch_norm_is_recorded_in_its_row_and_the_sweep_goes_on() -> None:
+    # The ImageNet stem at 32 px leaves a 1x1 map: batch norm cannot train on batch 1 there.
+    config = load_preset("smoke", model="conv", overrides=["model.stem=imagenet"])
+    rows = profile(config, ProfileSettings(img_sizes=(32,), batch_sizes=(1, 2), **FAST)).rows
+    assert [r.status for r in rows] == ["batch too small for batch norm (train)", "ok"]
+    assert rows[0].infer_img_s is not None
+    assert rows[0].train_img_s is None
+    assert rows[1].train_img_s is not None
+
+
 def test_other_runtime_errors_are_not_taken_for_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(config: Any, batch: int, run: Any) -> Timing:
         raise RuntimeError("shape mismatch")
