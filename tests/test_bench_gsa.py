@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,10 @@ def test_benchmark_runs_every_implementation_under_bf16_autocast_channels_last(t
 def test_gpu_script_stops_at_once_without_cuda(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     script = ROOT / "benchmarks" / "gpu_runs.sh"
-    result = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(script), str(out)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode != 0
     assert (
         result.stderr.strip().splitlines()[-1]
