@@ -27,7 +27,7 @@ from gsa_cli.data import Batch
 from gsa_cli.distributed import all_reduce_sum, any_rank
 from gsa_cli.errors import GsaError
 from gsa_cli.results import atomic_path
-from gsa_cli.runtime import Precision, autocast, synchronize
+from gsa_cli.runtime import Precision, autocast, synchronize, too_small_for_batch_norm
 
 CHECKPOINT_FORMAT = "gsa-checkpoint/1"
 SYNC_EVERY = 10  # steps between reads of the running sums (a device sync) and stop checks
@@ -209,6 +209,21 @@ def images_to(images: Tensor, device: torch.device, *, channels_last: bool) -> T
     return images
 
 
+def train_forward(forward: nn.Module | Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """``forward(images)`` in train mode; batch norm's refusal of a batch too small for it becomes an
+    error that says what to change."""
+    try:
+        return forward(images)
+    except ValueError as err:
+        if not too_small_for_batch_norm(err):
+            raise
+        batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+        raise GsaError(
+            f"batch norm cannot train on a batch of {batch} image(s) of {height}x{width} px: a 1x1 "
+            "feature map leaves it one value per channel; raise recipe.batch_size or data.img_size"
+        ) from err
+
+
 @dataclass
 class EpochOutcome:
     totals: Totals
@@ -263,7 +278,7 @@ class Trainer:
         if self.batch_transform is not None:
             images, labels = self.batch_transform(images, labels)
         with autocast(self.device, self.precision):
-            logits = self.forward(images)
+            logits = train_forward(self.forward, images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -406,7 +421,7 @@ def recalibrate_batch_norm(
                 continue
             images = images_to(batch.images, device, channels_last=channels_last)
             with autocast(device, precision):
-                model(images)
+                train_forward(model, images)
             used += 1
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):

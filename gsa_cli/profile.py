@@ -51,7 +51,14 @@ from gsa_cli.measure import (
     time_steps,
 )
 from gsa_cli.models import build_model
-from gsa_cli.runtime import Precision, autocast, device_name, resolve_device, seed_everything
+from gsa_cli.runtime import (
+    Precision,
+    autocast,
+    device_name,
+    resolve_device,
+    seed_everything,
+    too_small_for_batch_norm,
+)
 
 # Defaults that keep `gsa profile` under two minutes on a 2-core CPU (GSA-ResNet-50 at 224 px).
 CPU_DEFAULTS = {"batch": 4, "warmup": 2, "iters": 5}
@@ -246,8 +253,7 @@ def _measure(
             row.status = f"out of memory ({prefix})"
             break
         except ValueError as err:
-            # Batch norm refuses to train on one value per channel: batch 1 with a 1x1 map somewhere.
-            if "more than 1 value per channel" not in str(err):
+            if not too_small_for_batch_norm(err):
                 raise
             row.status = f"batch too small for batch norm ({prefix})"
             break

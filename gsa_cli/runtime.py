@@ -70,6 +70,12 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=precision.dtype)
 
 
+def too_small_for_batch_norm(err: BaseException) -> bool:
+    """Whether ``err`` is batch norm refusing to train on one value per channel (a batch of one image
+    reaching a 1x1 feature map)."""
+    return isinstance(err, ValueError) and "more than 1 value per channel" in str(err)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a timer read afterwards is honest."""
     if device.type == "cuda":

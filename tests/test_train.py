@@ -388,6 +388,19 @@ def test_bad_data_path_is_one_line_naming_the_layout(tmp_path: Path) -> None:
     assert "no such folder (expected ROOT/cifar-100-python/{train,test,meta}" in _error(result)
 
 
+def test_a_batch_too_small_for_batch_norm_is_one_line_naming_the_keys(tmp_path: Path) -> None:
+    # The ImageNet stem at 32 px ends in 1x1 maps: batch norm cannot train on one image there.
+    args = ["train", "--preset", "smoke", "--set", "model.stem=imagenet", "--set", "data.img_size=32",
+            "--device", "cpu", "--epochs", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--batch-size", "1"])
+    assert result.exit_code == 1
+    assert _error(result) == (
+        "error: batch norm cannot train on a batch of 1 image(s) of 32x32 px: a 1x1 feature map leaves it "
+        "one value per channel; raise recipe.batch_size or data.img_size"
+    )
+    assert (tmp_path / "run" / "config.yaml").is_file()  # what was written stays
+
+
 def test_corrupt_image_in_training_is_one_line_naming_the_file(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data")
     bad = data / "train" / "n00000002" / "img_3.JPEG"
