@@ -8,7 +8,7 @@ from enum import Enum
 class MacCounter(str, Enum):
     """Which tool counts the multiply-adds."""
 
-    FVCORE = "fvcore"  # fvcore's FlopCountAnalysis (tracing), with gsa_cli.macs' handles
+    FVCORE = "fvcore"  # fvcore's FlopCountAnalysis (tracing), with gsa_cli.bench.macs' handles
     TORCH = "torch"  # torch.utils.flop_counter.FlopCounterMode (dispatch), products only
 
 

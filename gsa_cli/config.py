@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -18,8 +19,7 @@ from typing import Any
 
 import yaml
 
-from gsa_cli.errors import ConfigError
-from gsa_cli.longrange import GLYPH_SIZE, MAX_SHAPES
+from gsa_cli.errors import ConfigError, DeprecatedKeyWarning
 
 # Blocks per stage for each named depth [ours, SASA's].
 DEPTHS: dict[int, tuple[int, ...]] = {
@@ -28,7 +28,6 @@ DEPTHS: dict[int, tuple[int, ...]] = {
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
 }
-EXPANSION = 4  # bottleneck output channels = EXPANSION * width of the stage
 
 
 class ModelKind(str, Enum):
@@ -77,7 +76,7 @@ class ModelConfig:
     layers: tuple[int, ...] | None = None  # blocks per stage; replaces depth when given
     width: int = 64  # bottleneck width of the first stage, doubled at each later stage
     stem: Stem = Stem.IMAGENET
-    gsa_stages: tuple[int, ...] = (1, 2, 3, 4)  # 1-based stages whose spatial operator is GSA
+    attention_stages: tuple[int, ...] = (1, 2, 3, 4)  # 1-based stages whose spatial operator is attention
     zero_init_residual: bool = False
     heads: int = 8
     key_ratio: float = 1.0  # d_k = key_ratio * C_out [ours: 1.0, the SASA choice]
@@ -234,21 +233,7 @@ def _validate_longrange(data: DataConfig) -> None:
     if data.distance is None or data.shapes is None or data.noise is None:
         missing = next(name for name, value in options.items() if value is None)
         raise _InvalidKeyError(f"data.{missing}", "the longrange data set needs it")
-    farthest = data.img_size - GLYPH_SIZE
-    if len(data.distance) != 2 or not GLYPH_SIZE <= data.distance[0] <= data.distance[1] <= farthest:
-        raise _InvalidKeyError(
-            "data.distance",
-            f"must be [min, max] with {GLYPH_SIZE} <= min <= max <= {farthest} (glyphs are {GLYPH_SIZE} px "
-            f"and must fit a {data.img_size} px image), got {list(data.distance)}",
-        )
-    if not 2 <= data.shapes <= MAX_SHAPES:
-        raise _InvalidKeyError("data.shapes", f"must be between 2 and {MAX_SHAPES}, got {data.shapes}")
-    if data.noise < 0:
-        raise _InvalidKeyError("data.noise", f"must not be negative, got {data.noise}")
-    if data.channels != 1 or data.num_classes != 2:
-        raise _InvalidKeyError(
-            "data", "longrange images have 1 channel and 2 classes (channels: 1, num_classes: 2)"
-        )
+    # The glyph-specific checks (distance, shapes, noise) live with the generator: gsa_cli.longrange.
 
 
 def _validate(cfg: Config) -> None:
@@ -281,15 +266,15 @@ def _validate(cfg: Config) -> None:
     if model.width < 1:
         raise _InvalidKeyError("model.width", f"must be at least 1, got {model.width}")
     stages = len(model.stage_blocks)
-    if len(set(model.gsa_stages)) != len(model.gsa_stages) or any(
-        not 1 <= s <= stages for s in model.gsa_stages
+    if len(set(model.attention_stages)) != len(model.attention_stages) or any(
+        not 1 <= s <= stages for s in model.attention_stages
     ):
-        raise _InvalidKeyError("model.gsa_stages", f"must be distinct stage numbers from 1 to {stages}")
+        raise _InvalidKeyError("model.attention_stages", f"must be distinct stage numbers from 1 to {stages}")
     if model.heads < 1:
         raise _InvalidKeyError("model.heads", f"must be at least 1, got {model.heads}")
     if model.key_ratio <= 0:
         raise _InvalidKeyError("model.key_ratio", f"must be positive, got {model.key_ratio}")
-    for stage in model.gsa_stages:
+    for stage in model.attention_stages:
         channels = model.stage_width(stage)
         if channels % model.heads:
             raise _InvalidKeyError(
@@ -339,6 +324,37 @@ def _validate(cfg: Config) -> None:
 # Public entry points.
 
 
+# Keys renamed since a release: (section, old name, new name). The old name is still read, with a note.
+RENAMED_KEYS = (("model", "gsa_stages", "attention_stages"),)
+
+
+def _renamed_keys(document: dict[str, Any], source: str) -> dict[str, Any]:
+    """``document`` with each renamed key under its new name, and one deprecation note per old key."""
+    for section, old, new in RENAMED_KEYS:
+        values = document.get(section)
+        if not isinstance(values, Mapping) or old not in values:
+            continue
+        if new in values:
+            raise _InvalidKeyError(f"{section}.{old}", f"give {section}.{new} only ({old} is its old name)")
+        _warn_renamed(source, section, old, new, stacklevel=5)
+        document[section] = {(new if key == old else key): value for key, value in values.items()}
+    return document
+
+
+def _renamed_path(path: list[str], source: str) -> list[str]:
+    """An override's dotted path with a renamed key under its new name (and the deprecation note)."""
+    for section, old, new in RENAMED_KEYS:
+        if path == [section, old]:
+            _warn_renamed(source, section, old, new, stacklevel=4)
+            return [section, new]
+    return path
+
+
+def _warn_renamed(source: str, section: str, old: str, new: str, *, stacklevel: int) -> None:
+    message = f"{source}: {section}.{old} is deprecated; call it {section}.{new}"
+    warnings.warn(message, DeprecatedKeyWarning, stacklevel=stacklevel)
+
+
 def config_from_mapping(raw: Any, *, name: str, source: str) -> Config:
     """Build and validate a :class:`Config` from a preset mapping.
 
@@ -355,7 +371,7 @@ def config_from_mapping(raw: Any, *, name: str, source: str) -> Config:
             raise _InvalidKeyError(
                 "the top level", f"expected a mapping with data, model, recipe, got {raw!r}"
             )
-        document = dict(raw)
+        document = _renamed_keys(dict(raw), source)
         document.setdefault("description", "")
         if "name" in document:
             raise _InvalidKeyError("name", "unknown key (a preset's name is its file name)")
@@ -384,6 +400,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
     document = _deep_copy(raw)
     for text in overrides:
         path, value = parse_override(text)
+        path = _renamed_path(path, f"--set {text}")
         node = document
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})

@@ -17,3 +17,7 @@ class ConfigError(GsaError):
     """A preset, override or option that cannot be accepted as given."""
 
     exit_code = 2
+
+
+class DeprecatedKeyWarning(FutureWarning):
+    """A preset or override uses a key's old name; ``cli.main`` shows it as one line."""

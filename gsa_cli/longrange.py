@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gsa_cli.config import DataConfig
+
 GLYPH_SIZE = 5
 
 # 5x5 binary glyphs, chosen to differ from each other in several pixels.
@@ -32,6 +34,30 @@ _GLYPHS = [
     ["#.#.#", ".#.#.", "#.#.#", ".#.#.", "#.#.#"],  # checker
 ]
 MAX_SHAPES = len(_GLYPHS)
+
+
+def check_data(data: DataConfig) -> tuple[str, str] | None:
+    """The first problem of a longrange ``data`` section as ``(dotted key, message)``, or None.
+
+    The config has already checked that every longrange key is present.
+    """
+    assert data.distance is not None
+    assert data.shapes is not None
+    assert data.noise is not None
+    farthest = data.img_size - GLYPH_SIZE
+    if len(data.distance) != 2 or not GLYPH_SIZE <= data.distance[0] <= data.distance[1] <= farthest:
+        return (
+            "data.distance",
+            f"must be [min, max] with {GLYPH_SIZE} <= min <= max <= {farthest} (glyphs are {GLYPH_SIZE} px "
+            f"and must fit a {data.img_size} px image), got {list(data.distance)}",
+        )
+    if not 2 <= data.shapes <= MAX_SHAPES:
+        return "data.shapes", f"must be between 2 and {MAX_SHAPES}, got {data.shapes}"
+    if data.noise < 0:
+        return "data.noise", f"must not be negative, got {data.noise}"
+    if data.channels != 1 or data.num_classes != 2:
+        return "data", "longrange images have 1 channel and 2 classes (channels: 1, num_classes: 2)"
+    return None
 
 
 def glyph_bank(shapes: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from gsa_cli.config import Config, ModelKind, apply_overrides, config_from_mapping
+from gsa_cli.config import Config, Dataset, ModelKind, apply_overrides, config_from_mapping
 from gsa_cli.errors import ConfigError
 
 PRESET_SUFFIXES = (".yaml", ".yml")
@@ -64,6 +64,23 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{line}: fix the syntax") from None
 
 
+def resolve_config(raw: Any, *, name: str, source: str) -> Config:
+    """:func:`~gsa_cli.config.config_from_mapping`, then the checks of the data set's own module.
+
+    Raises:
+        ConfigError: naming ``source`` and the dotted key at fault.
+    """
+    config = config_from_mapping(raw, name=name, source=source)
+    if config.data.dataset is Dataset.LONGRANGE:
+        from gsa_cli.longrange import check_data
+
+        problem = check_data(config.data)
+        if problem is not None:
+            key, message = problem
+            raise ConfigError(f"{source}: {key}: {message}")
+    return config
+
+
 def load_preset(
     name_or_path: str | Path,
     *,
@@ -83,18 +100,18 @@ def load_preset(
     path = resolve_preset_path(name_or_path)
     raw = _read_yaml(path)
     name = path.stem
-    config = config_from_mapping(raw, name=name, source=str(path))
+    config = resolve_config(raw, name=name, source=str(path))
     if model is not None:
         kinds = [kind.value for kind in ModelKind]
         kind = model.value if isinstance(model, ModelKind) else model
         if kind not in kinds:
             raise ConfigError(f"unknown model kind {kind!r}: choose one of {', '.join(kinds)}")
         raw = apply_overrides(raw, [f"model.kind={kind}"])
-        config = config_from_mapping(raw, name=name, source=str(path))
+        config = resolve_config(raw, name=name, source=str(path))
     for text in overrides:
         # Applied one at a time so that an error names the override that caused it.
         raw = apply_overrides(raw, [text])
-        config = config_from_mapping(raw, name=name, source=f"--set {text}")
+        config = resolve_config(raw, name=name, source=f"--set {text}")
     return config
 
 

@@ -89,10 +89,10 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its previous mode after."""
+def module_mode(model: torch.nn.Module, *, training: bool) -> Iterator[torch.nn.Module]:
+    """Put ``model`` in training or eval mode for the block and restore its previous mode after."""
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from gsa_cli import load_preset
-from gsa_cli.cli import app
+from gsa_cli.cli.app import app
 from gsa_cli.presets import count_parameters, preset_names
 
 runner = CliRunner()
@@ -104,3 +104,13 @@ def test_python_dash_m_runs_the_same_program() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown preset 'nope'")
+
+
+def test_an_old_preset_key_is_one_warning_line_and_the_command_runs() -> None:
+    result = runner.invoke(app, ["presets", "show", "smoke", "--set", "model.gsa_stages=[2]"])
+    assert result.exit_code == 0, result.output
+    warning_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert warning_lines == [
+        "warning: --set model.gsa_stages=[2]: model.gsa_stages is deprecated; call it model.attention_stages"
+    ]
+    assert "attention_stages:\n  - 2" in result.stdout

@@ -14,7 +14,7 @@ from cli_helpers import one_error_line
 from fixtures_runs import write_run
 from typer.testing import CliRunner
 
-from gsa_cli.cli import app
+from gsa_cli.cli.app import app
 from gsa_cli.presets import count_parameters, load_preset
 
 runner = CliRunner()

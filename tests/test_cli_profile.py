@@ -11,7 +11,7 @@ import torch
 from cli_helpers import one_error_line
 from typer.testing import CliRunner
 
-from gsa_cli.cli import app
+from gsa_cli.cli.app import app
 
 runner = CliRunner()
 QUICK = ["--preset", "smoke", "--device", "cpu", "--warmup", "0", "--iters", "1"]

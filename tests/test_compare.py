@@ -14,9 +14,9 @@ import pytest
 from fixtures_runs import write_run
 
 from gsa_cli.choices import Accuracy
-from gsa_cli.compare import GMACS_COUNTED, GMACS_FROM_SUMMARY, compare_runs, split_inputs
 from gsa_cli.errors import ConfigError, GsaError
-from gsa_cli.report import write_report
+from gsa_cli.report.compare import GMACS_COUNTED, GMACS_FROM_SUMMARY, compare_runs, split_inputs
+from gsa_cli.report.files import write_report
 from gsa_cli.results import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_report_files_read_back_and_the_markdown_embeds_the_plots(
 
 def test_gmacs_an_older_summary_lacks_are_counted_from_the_config_and_labelled(tmp_path: Path) -> None:
     from gsa_cli import build_model
-    from gsa_cli.macs import count_macs
+    from gsa_cli.bench.macs import count_macs
     from gsa_cli.presets import load_preset
 
     run = write_run(tmp_path / "old", kind="gsa", val_top1=[10.0], params=1, gmacs=None)
@@ -215,8 +215,8 @@ def test_comparing_runs_does_not_import_torch(two_runs: list[Path]) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from gsa_cli.compare import compare_runs\n"
-        "from gsa_cli.report import write_report\n"
+        "from gsa_cli.report.compare import compare_runs\n"
+        "from gsa_cli.report.files import write_report\n"
         f"write_report(compare_runs([{runs}]), Path({out!r}))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

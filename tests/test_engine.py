@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from gsa_cli import build_model, load_preset
-from gsa_cli.engine import (
+from gsa_cli.errors import GsaError
+from gsa_cli.train.loop import (
     ModelEma,
     batch_sums,
     build_optimizer,
@@ -20,8 +21,6 @@ from gsa_cli.engine import (
     save_checkpoint,
     warmup_cosine,
 )
-from gsa_cli.errors import GsaError
-from gsa_cli.training import no_decay_names
 
 
 def test_warmup_is_linear_and_the_cosine_ends_at_zero() -> None:
@@ -37,7 +36,7 @@ def test_warmup_is_linear_and_the_cosine_ends_at_zero() -> None:
 
 def test_no_weight_decay_on_norms_biases_and_gsa_tables() -> None:
     model = build_model(load_preset("smoke", model="gsa"))
-    skip = no_decay_names(model)
+    skip = model.no_weight_decay()
     assert skip
     assert all(name.endswith(("rel_col", "rel_row")) for name in skip)
     decay, plain = param_groups(model, weight_decay=0.1, no_decay=skip)

@@ -68,7 +68,7 @@ def test_impossible_arguments_are_refused() -> None:
 
 
 def test_full_model_puts_dense_attention_in_the_attention_stages_only() -> None:
-    config = load_preset("smoke", model="full", overrides=["model.gsa_stages=[2, 4]"])
+    config = load_preset("smoke", model="full", overrides=["model.attention_stages=[2, 4]"])
     model = build_model(config)
     kinds = [type(model.stage(s)[0].conv2).__name__ for s in range(1, 5)]
     assert kinds == ["Conv2d", "FullSelfAttention2d", "Conv2d", "FullSelfAttention2d"]

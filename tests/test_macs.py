@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from gsa_cli.bench.macs import MacCount, count_macs, einsum_macs
 from gsa_cli.choices import MacCounter
 from gsa_cli.errors import GsaError
-from gsa_cli.macs import MacCount, count_macs, einsum_macs
 from gsa_cli.models import FullSelfAttention2d, GlobalSelfAttention2d, build_model
 from gsa_cli.presets import load_preset
 

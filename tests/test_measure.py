@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from gsa_cli import measure
-from gsa_cli.measure import Timing, dense_peak, time_steps
+from gsa_cli.bench import timers
+from gsa_cli.bench.timers import Timing, dense_peak, time_steps
 from gsa_cli.runtime import Precision
 
 
@@ -34,16 +34,16 @@ def test_timing_median_and_interquartile_range() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_cpu_peak_memory_sees_a_tensor_allocated_in_the_block() -> None:
-    with measure.peak_memory(torch.device("cpu")) as peak:
-        at_start = measure._read_status_kib("VmRSS")  # after the gauge has released what it could
+    with timers.peak_memory(torch.device("cpu")) as peak:
+        at_start = timers._read_status_kib("VmRSS")  # after the gauge has released what it could
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
         del block
     assert at_start is not None
     assert peak[0] >= at_start / 1024 + 60
     # glibc may have served the block from free heap pages rather than a mapping of its own, and then
     # keeps it after the free: hand free pages back before reading the resident set.
-    measure._release_cpu_memory()
-    after = measure._read_status_kib("VmRSS")
+    timers._release_cpu_memory()
+    after = timers._read_status_kib("VmRSS")
     assert after is not None
     assert peak[0] > after / 1024 + 30  # the block's tensor is gone, its peak is not
 
@@ -68,9 +68,9 @@ def test_dense_peaks(name: str, precision: Precision, tf32: bool, expected: tupl
     assert dense_peak(name, precision, tf32=tf32) == expected
 
 
-@pytest.mark.skipif(measure._cpu_wait_us() is None, reason="no Linux pressure stall information")
+@pytest.mark.skipif(timers._cpu_wait_us() is None, reason="no Linux pressure stall information")
 def test_cpu_wait_is_a_share_of_the_wall_time() -> None:
-    with measure.cpu_wait() as waited:
+    with timers.cpu_wait() as waited:
         time.sleep(0.05)
     assert len(waited) == 1
     assert 0 <= waited[0] <= 100

@@ -51,7 +51,7 @@ def test_gsa_modules_are_global_at_each_stage() -> None:
 
 
 def test_gsa_only_in_the_chosen_stages() -> None:
-    model = build_model(load_preset("cifar26", overrides=["model.gsa_stages=[3, 4]"]))
+    model = build_model(load_preset("cifar26", overrides=["model.attention_stages=[3, 4]"]))
     kinds = [type(model.stage(s)[0].conv2) for s in range(1, 5)]
     assert kinds == [torch.nn.Conv2d, torch.nn.Conv2d, GlobalSelfAttention2d, GlobalSelfAttention2d]
 

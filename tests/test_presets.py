@@ -9,6 +9,7 @@ import yaml
 
 from gsa_cli import ConfigError, load_preset
 from gsa_cli.config import ModelKind, config_to_yaml
+from gsa_cli.errors import DeprecatedKeyWarning
 from gsa_cli.presets import preset_dir, preset_names
 
 REQUIRED = {
@@ -60,6 +61,29 @@ def test_model_kind_defaults_to_gsa() -> None:
     assert load_preset("cifar26").model.kind is ModelKind.GSA
 
 
+def test_the_old_gsa_stages_key_is_still_read_with_a_deprecation_note() -> None:
+    with pytest.warns(
+        DeprecatedKeyWarning, match=r"model\.gsa_stages is deprecated; call it model\.attention_stages"
+    ):
+        config = load_preset("cifar26", overrides=["model.gsa_stages=[3, 4]"])
+    assert config.model.attention_stages == (3, 4)
+    assert "gsa_stages" not in config_to_yaml(config)
+
+
+def test_a_preset_file_with_the_old_stage_key_is_read_and_with_both_keys_refused(tmp_path: Path) -> None:
+    raw = yaml.safe_load((preset_dir() / "smoke.yaml").read_text())
+    raw["model"]["gsa_stages"] = raw["model"].pop("attention_stages")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(raw))
+    with pytest.warns(DeprecatedKeyWarning, match=rf"{old}: model\.gsa_stages is deprecated"):
+        assert load_preset(str(old)).model.attention_stages == load_preset("smoke").model.attention_stages
+    raw["model"]["attention_stages"] = [1]
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"model\.gsa_stages: give model\.attention_stages only"):
+        load_preset(str(both))
+
+
 def test_a_path_works_as_well_as_a_name(tmp_path: Path) -> None:
     copy = tmp_path / "mine.yaml"
     copy.write_text((preset_dir() / "smoke.yaml").read_text())
@@ -71,10 +95,10 @@ def test_a_path_works_as_well_as_a_name(tmp_path: Path) -> None:
 def test_overrides_apply_with_yaml_values() -> None:
     config = load_preset(
         "cifar26",
-        overrides=["model.heads=4", "model.gsa_stages=[3, 4]", "recipe.lr=0.2", "model.span=null"],
+        overrides=["model.heads=4", "model.attention_stages=[3, 4]", "recipe.lr=0.2", "model.span=null"],
     )
     assert config.model.heads == 4
-    assert config.model.gsa_stages == (3, 4)
+    assert config.model.attention_stages == (3, 4)
     assert config.recipe.lr == 0.2
     assert config.model.span is None
 
@@ -100,7 +124,12 @@ def _smoke_document() -> dict[str, object]:
         ("model", "heads", 3, "model.heads: 3 heads do not divide the 8 channels of stage 1"),
         ("model", "span", 0, "model.span: must be at least 1"),
         ("model", "stem", "tiny", "model.stem: expected one of 'imagenet', 'cifar'"),
-        ("model", "gsa_stages", [1, 5], "model.gsa_stages: must be distinct stage numbers from 1 to 4"),
+        (
+            "model",
+            "attention_stages",
+            [1, 5],
+            "model.attention_stages: must be distinct stage numbers from 1 to 4",
+        ),
         ("model", "key_ratio", 0.3, "model.key_ratio:"),
         ("data", "dataset", "mnist", "data.dataset: expected one of"),
         ("data", "num_classes", 1, "data.num_classes: must be at least 2"),

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gsa_cli import tables
 from gsa_cli.choices import OutputFormat
 from gsa_cli.errors import ConfigError
+from gsa_cli.report import tables
 
 
 @pytest.fixture

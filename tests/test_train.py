@@ -20,14 +20,14 @@ from fixtures_data import make_cifar100, make_image_folder
 from typer.testing import CliRunner
 
 from gsa_cli import load_preset
-from gsa_cli.cli import app
+from gsa_cli.cli.app import app
 from gsa_cli.data import Batch
-from gsa_cli.engine import TrainingStoppedError, load_checkpoint, recalibrate_batch_norm
 from gsa_cli.errors import ConfigError
-from gsa_cli.evaluation import EvalOptions, evaluate_checkpoint
 from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir
 from gsa_cli.runtime import Precision
-from gsa_cli.training import TrainOptions, train
+from gsa_cli.train.evaluate import EvalOptions, evaluate_checkpoint
+from gsa_cli.train.loop import TrainingStoppedError, load_checkpoint, recalibrate_batch_norm
+from gsa_cli.train.run import TrainOptions, train
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING = ("images_per_s", "epoch_time_s")
@@ -121,7 +121,7 @@ def test_one_epoch_on_an_image_folder_through_the_cli(tmp_path: Path) -> None:
     assert summary["final_top1"] == float(rows[0]["val_top1"])
     assert summary["parameters"] > 0
     from gsa_cli import build_model, load_preset
-    from gsa_cli.macs import count_macs
+    from gsa_cli.bench.macs import count_macs
 
     counted = count_macs(build_model(load_preset("smoke", overrides=["data.num_classes=3"])), img_size=16)
     assert summary["gmacs"] == pytest.approx(counted.total / 1e9)
@@ -257,7 +257,7 @@ def test_a_run_killed_between_checkpoints_resumes(tmp_path: Path) -> None:
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gsa_cli.engine as engine
+    import gsa_cli.train.loop as engine
 
     real = engine.F.cross_entropy
     calls = {"n": 0}

@@ -40,9 +40,9 @@ def _full(model: ModelConfig, channels: int, stride: int, feature_size: int) -> 
 
 
 def spatial_factory(model: ModelConfig, stage: int) -> SpatialFactory:
-    """The spatial operator of a 1-based stage: in the attention stages (``model.gsa_stages``) GSA
+    """The spatial operator of a 1-based stage: in the attention stages (``model.attention_stages``) GSA
     for a ``gsa`` model and dense attention for a ``full`` one; a 3x3 conv everywhere else."""
-    if stage in model.gsa_stages:
+    if stage in model.attention_stages:
         if model.kind is ModelKind.GSA:
             return partial(_gsa, model)
         if model.kind is ModelKind.FULL:

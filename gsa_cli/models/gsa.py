@@ -337,6 +337,11 @@ class GlobalSelfAttention2d(nn.Module):
             f"query_softmax={self.query_softmax}"
         )
 
+    def no_weight_decay(self) -> set[str]:
+        """The relative tables, kept out of weight decay [ours]: like timm's position embeddings and
+        relative-position bias tables; decay would pull the positional branch (no softmax) to zero."""
+        return {"rel_col", "rel_row"} if self.positional else set()
+
     def _index(self, size: int, device: torch.device) -> Tensor:
         """The relative index for one axis length, built once per (size, device)."""
         if torch.compiler.is_compiling():

@@ -144,6 +144,15 @@ class ResNet(nn.Module):
                 if isinstance(module, Bottleneck):
                     nn.init.zeros_(module.bn3.weight)
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters a recipe keeps out of weight decay besides norms and biases: those
+        each submodule names in its own ``no_weight_decay()`` (GSA's relative tables), as in timm."""
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            if module is not self and callable(getattr(module, "no_weight_decay", None)):
+                names |= {f"{prefix}.{name}" for name in module.no_weight_decay()}
+        return names
+
     def stage(self, index: int) -> nn.Sequential:
         """Stage ``index`` (1-based)."""
         stage = getattr(self, f"layer{index}")

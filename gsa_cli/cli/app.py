@@ -7,21 +7,23 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 from typer.core import TyperGroup
 
 from gsa_cli.choices import Accuracy, MacCounter, Mode, OutputFormat
-from gsa_cli.errors import ConfigError, GsaError
+from gsa_cli.errors import ConfigError, DeprecatedKeyWarning, GsaError
 
 if TYPE_CHECKING:
-    from gsa_cli.profile import ProfileSettings
+    from gsa_cli.bench.profile import ProfileSettings
     from gsa_cli.results import EvalReport, RunSummary
 
 console = Console()
@@ -34,7 +36,9 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click since 0.23)
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except GsaError as err:
             if _state["debug"]:
                 raise
@@ -138,7 +142,7 @@ def _profile_settings(
     counter: MacCounter,
 ) -> ProfileSettings:
     """The settings of ``gsa profile`` and of ``gsa compare`` on model kinds, from their options."""
-    from gsa_cli.profile import ProfileSettings
+    from gsa_cli.bench.profile import ProfileSettings
     from gsa_cli.runtime import Precision
 
     return ProfileSettings(
@@ -322,13 +326,13 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a preset's model and write a run directory (config, metrics, summary, checkpoints)."""
+    from gsa_cli.cli.progress import PlainReporter, RichReporter
     from gsa_cli.data import OnCorrupt
-    from gsa_cli.distributed import in_torchrun, is_main_process, launch
     from gsa_cli.presets import load_preset
-    from gsa_cli.progress import PlainReporter, RichReporter
     from gsa_cli.results import default_run_dir
     from gsa_cli.runtime import Precision
-    from gsa_cli.training import TrainOptions, train
+    from gsa_cli.train.distributed import in_torchrun, is_main_process, launch
+    from gsa_cli.train.run import TrainOptions, train
 
     config = None
     if resume is not None:
@@ -387,9 +391,9 @@ def eval_command(
     on_corrupt: CorruptOpt = CorruptChoice.fail,
 ) -> None:
     """Evaluate a checkpoint on its validation split: top-1, top-5, loss, images/s; writes eval.json."""
+    from gsa_cli.cli.progress import PlainReporter, RichReporter
     from gsa_cli.data import OnCorrupt
-    from gsa_cli.evaluation import EvalOptions, evaluate_checkpoint
-    from gsa_cli.progress import PlainReporter, RichReporter
+    from gsa_cli.train.evaluate import EvalOptions, evaluate_checkpoint
 
     options = EvalOptions(
         data=data,
@@ -446,15 +450,15 @@ def profile_command(
     One row per image size and batch size. MACs count a multiply-add once (fvcore's convention),
     at batch 1 in eval mode. Throughput is the median over the timed iterations.
     """
-    from gsa_cli import tables
-    from gsa_cli.presets import load_preset
-    from gsa_cli.profile import (
+    from gsa_cli.bench.profile import (
         module_frame,
         operator_frame,
         profile,
         rows_frame,
         summary_frame,
     )
+    from gsa_cli.presets import load_preset
+    from gsa_cli.report import tables
 
     config = load_preset(preset, model=model, overrides=overrides or ())
     settings = _profile_settings(
@@ -552,9 +556,9 @@ def compare_command(
     `gsa compare conv vs gsa` profiles each kind of a preset under the same settings, one after
     another. `gsa compare RUN_DIR...` reads runs written by `gsa train`.
     """
-    from gsa_cli import tables
-    from gsa_cli.compare import compare_kinds, compare_runs, split_inputs
-    from gsa_cli.report import write_report
+    from gsa_cli.report import tables
+    from gsa_cli.report.compare import compare_kinds, compare_runs, split_inputs
+    from gsa_cli.report.files import write_report
 
     inputs = split_inputs(targets)
     if inputs.kinds:
@@ -590,6 +594,24 @@ def compare_command(
             sys.stdout.write(f"\n### {view.heading}\n\n" + tables.markdown(view.frame, caption=view.caption))
     else:
         sys.stdout.write(tables.to_text(comparison.frame, fmt))
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Our own warnings (a renamed preset key) as one yellow line; any other as Python shows it."""
+    if issubclass(category, DeprecatedKeyWarning):
+        error_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
 
 
 def main() -> None:

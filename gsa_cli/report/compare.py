@@ -1,10 +1,10 @@
 """Side by side: model kinds profiled under identical settings, or finished runs read back.
 
 ``gsa compare conv vs gsa`` profiles each kind (:func:`compare_kinds`, through
-:func:`gsa_cli.profile.profile`, one kind after another in this process) and ``gsa compare RUN_DIR ...``
+:func:`gsa_cli.bench.profile.profile`, one kind after another in this process) and ``gsa compare RUN_DIR ...``
 reads run directories (:func:`compare_runs`). Both give a :class:`Comparison`: a frame with every
 column (for ``compare.csv`` and ``compare.json``), readable tables with each row's ratio to the first
-kind or run, and what the plots need; :func:`gsa_cli.report.write_report` writes the files.
+kind or run, and what the plots need; :func:`gsa_cli.report.files.write_report` writes the files.
 
 Nothing here imports torch at module level: comparing existing runs starts fast. Profiling imports it
 when called, and so does counting a run's multiply-adds when its ``summary.json`` does not record them.
@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from gsa_cli import tables
 from gsa_cli.choices import Accuracy
 from gsa_cli.config import ModelKind
 from gsa_cli.errors import ConfigError
+from gsa_cli.report import tables
 from gsa_cli.results import CONFIG_FILE, RunRecord, read_run
 
 if TYPE_CHECKING:
+    from gsa_cli.bench.profile import ProfileSettings
     from gsa_cli.config import Config
-    from gsa_cli.profile import ProfileSettings
 
 KINDS = tuple(kind.value for kind in ModelKind)
 VS = "vs"  # `gsa compare conv vs gsa`: sugar, dropped
@@ -231,14 +231,14 @@ def compare_kinds(
 
     Args:
         configs: Resolved configs differing in ``model.kind``; the first is the reference of the ratios.
-        settings: What to measure and how (:class:`gsa_cli.profile.ProfileSettings`).
+        settings: What to measure and how (:class:`gsa_cli.bench.profile.ProfileSettings`).
         progress: Called with a short line before each measurement.
 
     Raises:
         ConfigError: for impossible settings or a device that is not here.
         GsaError: when a model cannot be counted or compiled.
     """
-    from gsa_cli.profile import profile, rows_frame
+    from gsa_cli.bench.profile import profile, rows_frame
 
     rows = []
     for config in configs:
@@ -301,7 +301,7 @@ def config_value(record: RunRecord, key: str) -> Any:
 def _count_gmacs(record: RunRecord) -> float | None:
     """Multiply-adds of one image for the run's config, in G, counted now (imports torch)."""
     from gsa_cli import build_model
-    from gsa_cli.macs import count_macs
+    from gsa_cli.bench.macs import count_macs
     from gsa_cli.presets import load_preset
 
     config = load_preset(record.path / CONFIG_FILE, model=None)

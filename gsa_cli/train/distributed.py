@@ -122,11 +122,6 @@ def broadcast(value: Any) -> Any:
     return holder[0]
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def launch(
     worker_args: Sequence[str],
     *,

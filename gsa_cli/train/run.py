@@ -1,8 +1,8 @@
 """A training run, wired from a config: data, model, recipe, run directory.
 
-:func:`train` is what ``gsa train`` calls (``gsa eval`` calls :mod:`gsa_cli.evaluation`); it works the
-same from a notebook. This is the one place that knows the model is a GSA-ResNet (its
-relative-position tables get no weight decay); the loops themselves live in :mod:`gsa_cli.engine`.
+:func:`train` is what ``gsa train`` calls (``gsa eval`` calls :mod:`gsa_cli.train.evaluate`); it works the
+same from a notebook. It knows nothing of GSA (the model names its own parameters kept out of weight
+decay, ``model.no_weight_decay()``); the loops themselves live in :mod:`gsa_cli.train.loop`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torchvision
 import yaml
 from torch import nn
 
-from gsa_cli import distributed
-from gsa_cli.config import Config, config_from_mapping, config_to_yaml
+from gsa_cli.bench.macs import count_gmacs
+from gsa_cli.config import Config, config_to_yaml
 from gsa_cli.data import (
     CorruptFiles,
     OnCorrupt,
@@ -34,7 +34,20 @@ from gsa_cli.data import (
     data_root,
     make_loader,
 )
-from gsa_cli.engine import (
+from gsa_cli.errors import ConfigError, GsaError
+from gsa_cli.models import build_model
+from gsa_cli.presets import resolve_config
+from gsa_cli.results import (
+    EpochMetrics,
+    RunDir,
+    RunSummary,
+    default_run_dir,
+    git_revision,
+    now_iso,
+)
+from gsa_cli.runtime import Precision, device_name, seed_everything
+from gsa_cli.train import distributed
+from gsa_cli.train.loop import (
     ModelEma,
     Reporter,
     Totals,
@@ -46,23 +59,12 @@ from gsa_cli.engine import (
     save_checkpoint,
     warmup_cosine,
 )
-from gsa_cli.errors import ConfigError, GsaError
-from gsa_cli.models import GlobalSelfAttention2d, build_model
-from gsa_cli.results import (
-    EpochMetrics,
-    RunDir,
-    RunSummary,
-    default_run_dir,
-    git_revision,
-    now_iso,
-)
-from gsa_cli.runtime import Precision, device_name, seed_everything
 
 DATA_ENV = "GSA_DATA"
 
 
 class RunReporter(Reporter, Protocol):
-    """A :class:`~gsa_cli.engine.Reporter` that also hears about each finished epoch."""
+    """A :class:`~gsa_cli.train.loop.Reporter` that also hears about each finished epoch."""
 
     def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None: ...
 
@@ -121,23 +123,9 @@ class TrainOptions:
 # Pieces.
 
 
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameters kept out of weight decay besides norms and biases: GSA's relative-position tables.
-
-    Our decision (the paper's recipe is not available): the tables are position embeddings, and like
-    timm's position embeddings and relative-position bias tables they are not decayed; decay would
-    pull the positional branch, which has no softmax, towards zero.
-    """
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, GlobalSelfAttention2d) and module.positional:
-            names |= {f"{prefix}.rel_col", f"{prefix}.rel_row"}
-    return names
-
-
 def config_from_checkpoint(payload: dict[str, Any], source: Path) -> Config:
     raw = yaml.safe_load(str(payload["config_yaml"]))
-    return config_from_mapping(raw, name=str(payload["preset"]), source=f"{source} (its saved config)")
+    return resolve_config(raw, name=str(payload["preset"]), source=f"{source} (its saved config)")
 
 
 def loader_workers(requested: int | None, root: Path | None, world: distributed.World) -> int:
@@ -211,17 +199,6 @@ def _versions() -> dict[str, str | None]:
         "torchvision_version": torchvision.__version__,
         "git_revision": git_revision(),
     }
-
-
-def _count_gmacs(model: nn.Module, config: Config) -> float | None:
-    """Multiply-adds of one image in G (fvcore, batch 1, eval mode), or None where it cannot count."""
-    from gsa_cli.macs import count_macs
-
-    try:
-        count = count_macs(model, img_size=config.data.img_size, channels=config.data.channels)
-    except GsaError:
-        return None  # the summary says "not counted" rather than a wrong number
-    return count.total / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,7 +282,11 @@ def _train(
     seed_everything(recipe.seed)
     model = build_model(config)
     parameters = sum(p.numel() for p in model.parameters())
-    gmacs = _count_gmacs(model, config) if world.is_main else None
+    gmacs = (
+        count_gmacs(model, img_size=config.data.img_size, channels=config.data.channels)
+        if world.is_main
+        else None
+    )
     if options.sync_bn and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
     if options.sync_bn and world.distributed:
@@ -323,7 +304,7 @@ def _train(
     seed_everything(recipe.seed + world.rank)
 
     optimizer = build_optimizer(
-        param_groups(model, weight_decay=recipe.weight_decay, no_decay=no_decay_names(model)), recipe
+        param_groups(model, weight_decay=recipe.weight_decay, no_decay=model.no_weight_decay()), recipe
     )
     total_steps = recipe.epochs * steps_per_epoch
     warmup = round(recipe.warmup_epochs * steps_per_epoch)

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from gsa_cli.config import Optimizer, RecipeConfig
 from gsa_cli.data import Batch
-from gsa_cli.distributed import all_reduce_sum, any_rank
 from gsa_cli.errors import GsaError
 from gsa_cli.results import atomic_path
-from gsa_cli.runtime import Precision, autocast, synchronize, too_small_for_batch_norm
+from gsa_cli.runtime import Precision, autocast, module_mode, synchronize, too_small_for_batch_norm
+from gsa_cli.train.distributed import all_reduce_sum, any_rank
 
 CHECKPOINT_FORMAT = "gsa-checkpoint/1"
 SYNC_EVERY = 10  # steps between reads of the running sums (a device sync) and stop checks
@@ -410,23 +410,21 @@ def recalibrate_batch_norm(
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches of this pass
-    was_training = model.training
-    model.train()
     used = 0
     try:
-        for batch in loader:
-            if used >= batches:
-                break
-            if not agree(check(batch)):  # SyncBatchNorm's collectives need every rank
-                continue
-            images = images_to(batch.images, device, channels_last=channels_last)
-            with autocast(device, precision):
-                train_forward(model, images)
-            used += 1
+        with module_mode(model, training=True):
+            for batch in loader:
+                if used >= batches:
+                    break
+                if not agree(check(batch)):  # SyncBatchNorm's collectives need every rank
+                    continue
+                images = images_to(batch.images, device, channels_last=channels_last)
+                with autocast(device, precision):
+                    train_forward(model, images)
+                used += 1
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
-        model.train(was_training)
     ranks = all_reduce_sum(torch.ones((), device=device))
     for norm in norms:
         assert norm.running_mean is not None
@@ -450,14 +448,12 @@ def evaluate(
 ) -> Totals:
     """Loss (plain cross-entropy), top-1 and top-5 counts of ``model`` over ``loader``, summed over
     all ranks; ``seconds`` is this rank's time (the device synchronised at both ends)."""
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     reporter.start("val", epoch, len(loader), 0)
     synchronize(device)
     started = time.perf_counter()
     done = 0
-    try:
+    with module_mode(model, training=False):
         for batch in loader:
             done += 1
             if not check(batch):
@@ -469,8 +465,6 @@ def evaluate(
             loss = F.cross_entropy(logits, labels)
             sums += batch_sums(logits, labels, loss)
             reporter.update(done, {})
-    finally:
-        model.train(was_training)
     synchronize(device)
     totals = Totals()
     totals.add(all_reduce_sum(sums).cpu(), time.perf_counter() - started)

@@ -4,7 +4,7 @@
 :class:`ProfileSettings` and returns one :class:`ProfileRow` per pair, each recording how its numbers
 were obtained (device, torch version, precision, layout, compile, counter). How it measures:
 
-* **MACs**: :func:`gsa_cli.macs.count_macs`, batch 1, eval mode, on the uncompiled model built for
+* **MACs**: :func:`gsa_cli.bench.macs.count_macs`, batch 1, eval mode, on the uncompiled model built for
   that image size (so that a GSA model stays global at every size).
 * **Throughput**: inference under ``torch.inference_mode`` in eval mode; a training step is forward,
   cross-entropy, backward and an SGD step (a gradient scaler under fp16). Each gets warm-up iterations,
@@ -13,14 +13,14 @@ were obtained (device, torch version, precision, layout, compile, counter). How 
   interquartile range, and images/s = batch / median latency. Inputs are random normal, never zeros.
   Each mode gets a freshly built model, so that one mode's state (weights, caches) cannot leak into
   the other's.
-* **Peak memory** of each mode (:func:`gsa_cli.measure.peak_memory`): ``torch.cuda.max_memory_allocated``
+* **Peak memory** of each mode (:func:`gsa_cli.bench.timers.peak_memory`): ``torch.cuda.max_memory_allocated``
   on a GPU; on the CPU the process's peak resident set size during the mode, which includes the
   interpreter, torch and the model, not only activations.
 * **Achieved rate**: TFLOP/s = 2 FLOPs per counted MAC x MACs per image x images/s, times 3 for a
   training step (backward taken as twice the forward); on GPUs of known dense peak
-  (:data:`gsa_cli.measure.DENSE_PEAKS`) also the percentage of that peak.
+  (:data:`gsa_cli.bench.timers.DENSE_PEAKS`) also the percentage of that peak.
 * **CPU wait**: the share of each mode's wall time during which some task on the machine waited for a
-  CPU (:func:`gsa_cli.measure.cpu_wait`, Linux PSI): high values flag timings taken on a busy machine.
+  CPU (:func:`gsa_cli.bench.timers.cpu_wait`, Linux PSI): high values flag timings taken on a busy machine.
 * An out-of-memory error is recorded in its row (``status``) and the sweep goes on.
 """
 
@@ -37,11 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsa_cli.choices import MacCounter, Mode
-from gsa_cli.config import Config
-from gsa_cli.errors import ConfigError, GsaError
-from gsa_cli.macs import MacCount, count_macs
-from gsa_cli.measure import (
+from gsa_cli.bench.macs import MacCount, count_macs
+from gsa_cli.bench.timers import (
     Timing,
     cpu_wait,
     dense_peak,
@@ -50,6 +47,9 @@ from gsa_cli.measure import (
     peak_memory,
     time_steps,
 )
+from gsa_cli.choices import MacCounter, Mode
+from gsa_cli.config import Config
+from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
 from gsa_cli.runtime import (
     Precision,
@@ -387,7 +387,7 @@ def profile(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tables of results (pandas frames; rendering and files are gsa_cli.tables' business).
+# Tables of results (pandas frames; rendering and files are gsa_cli.report.tables' business).
 
 
 def rows_frame(rows: list[ProfileRow]) -> Any:
@@ -425,7 +425,7 @@ def operator_frame(count: MacCount) -> Any:
     """Per-operator counts; elementwise operators marked as not part of the MAC total."""
     import pandas as pd
 
-    from gsa_cli.macs import ELEMENTWISE_OPS, PRODUCT_OPS
+    from gsa_cli.bench.macs import ELEMENTWISE_OPS, PRODUCT_OPS
 
     def kind(op: str) -> str:
         if op in ELEMENTWISE_OPS:
@@ -499,7 +499,7 @@ def summary_frame(frame: Any) -> tuple[Any, str]:
     """
     import pandas as pd
 
-    from gsa_cli.tables import caption, format_value, split_constant, view
+    from gsa_cli.report.tables import caption, format_value, split_constant, view
 
     frame = frame.copy()
     for prefix in ("infer", "train"):

@@ -1,6 +1,6 @@
 """The figures of ``gsa compare``, drawn with matplotlib's headless Agg canvas and saved as PNG.
 
-Each function takes the frames :mod:`gsa_cli.compare` builds, draws one figure with labelled axes
+Each function takes the frames :mod:`gsa_cli.report.compare` builds, draws one figure with labelled axes
 and a legend, writes it and returns its path. A model kind keeps its colour in every figure.
 Figures are built with matplotlib's object API on an Agg canvas, never through ``pyplot``: no display
 is needed, no global backend is switched and no figure outlives its function. No torch here.

@@ -44,6 +44,7 @@ from torch import nn
 
 from gsa_cli.choices import MacCounter
 from gsa_cli.errors import GsaError
+from gsa_cli.runtime import module_mode
 
 # Operator names as reported in MacCount.by_operator (fvcore's simplified names: "aten::" dropped).
 PRODUCT_OPS = frozenset(
@@ -462,12 +463,20 @@ def count_macs(
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, channels, img_size, img_size, generator=generator).to(device)
-    was_training = model.training
-    model.eval()
+    with module_mode(model, training=False), torch.no_grad():
+        if counter is MacCounter.FVCORE:
+            return _count_fvcore(model, x)
+        return _count_torch(model, x)
+
+
+def count_gmacs(model: nn.Module, *, img_size: int, channels: int) -> float | None:
+    """Multiply-adds of one image in G (fvcore, batch 1, eval mode), or None where it cannot count.
+
+    What ``summary.json`` records for a run and ``gsa compare`` counts for a run that lacks it; the
+    caller says "not counted" for None rather than print a wrong number.
+    """
     try:
-        with torch.no_grad():
-            if counter is MacCounter.FVCORE:
-                return _count_fvcore(model, x)
-            return _count_torch(model, x)
-    finally:
-        model.train(was_training)
+        count = count_macs(model, img_size=img_size, channels=channels)
+    except GsaError:
+        return None
+    return count.total / 1e9

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from gsa_cli.data import CorruptFiles, OnCorrupt, ShardSampler, build_datasets, data_root, make_loader
-from gsa_cli.distributed import World
-from gsa_cli.engine import Reporter, evaluate, load_checkpoint
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
 from gsa_cli.results import EvalReport, RunDir, now_iso
 from gsa_cli.runtime import Precision, device_name, resolve_device
-from gsa_cli.training import DATA_ENV, config_from_checkpoint, loader_workers
+from gsa_cli.train.distributed import World
+from gsa_cli.train.loop import Reporter, evaluate, load_checkpoint
+from gsa_cli.train.run import DATA_ENV, config_from_checkpoint, loader_workers
 
 
 @dataclass(frozen=True)

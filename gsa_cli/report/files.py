@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gsa_cli import plots, tables
-from gsa_cli.compare import ACCURACY_COLUMNS, Comparison
 from gsa_cli.errors import ConfigError
+from gsa_cli.report import plots, tables
+from gsa_cli.report.compare import ACCURACY_COLUMNS, Comparison
 
 REPORT = "compare.md"
 

@@ -1,0 +1,1 @@
+"""Measurement: timers and memory, multiply-add counting, profiling of model kinds."""
