@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -16,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a clean copy: setuptools reuses a checkout's build/ folder, which would hide a
+    # subpackage missing from pyproject.toml behind its stale copy.
+    source = tmp_path_factory.mktemp("source") / "gsa-cli"
+    ignore = shutil.ignore_patterns("build", "dist", "*.egg-info", ".git", "__pycache__", "runs", ".*_cache")
+    shutil.copytree(ROOT, source, ignore=ignore)
     subprocess.run(
         [
             sys.executable,
@@ -27,7 +33,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
@@ -65,3 +71,33 @@ def test_installed_wheel_loads_presets_outside_the_checkout(wheel: Path, tmp_pat
     assert str(env_dir) in module_file
     assert presets.endswith("gsa_cli/_presets")
     assert img_size == "224"
+
+
+def test_installed_wheel_imports_every_module_of_the_checkout(wheel: Path, tmp_path: Path) -> None:
+    """Every subpackage is listed in pyproject.toml: each module of the checkout imports from the wheel."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    modules = sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in (ROOT / "gsa_cli").rglob("*.py")
+        if path.name != "__main__.py"
+    )
+    assert "gsa_cli.train.run" in modules
+    script = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    module = importlib.import_module(name)\n"
+        "    assert module.__file__ is not None and 'site-packages' in module.__file__, module.__file__\n"
+        "print(len(sys.argv) - 1)\n"
+    )
+    result = subprocess.run(
+        [str(python), "-c", script, *modules], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(len(modules))]
