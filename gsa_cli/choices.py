@@ -1,8 +1,27 @@
-"""Choices that measuring commands offer, as enums; torch-free, so that ``gsa --help`` starts fast."""
+"""Every choice the command line offers, as an enum; torch-free, so that ``gsa --help`` starts fast.
+
+The library takes these same enums (``gsa_cli.runtime`` re-exports :class:`Precision` beside its torch
+dtypes, ``gsa_cli.data`` re-exports :class:`OnCorrupt`): the CLI keeps no mirrors of them.
+"""
 
 from __future__ import annotations
 
 from enum import Enum
+
+
+class Precision(str, Enum):
+    """Compute precision; ``bf16`` and ``fp16`` run under autocast with float32 weights."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class OnCorrupt(str, Enum):
+    """What to do with an image file that cannot be read."""
+
+    FAIL = "fail"
+    SKIP = "skip"
 
 
 class MacCounter(str, Enum):

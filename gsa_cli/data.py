@@ -23,7 +23,6 @@ import math
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
+from gsa_cli.choices import OnCorrupt as OnCorrupt  # re-exported: the enum lives in choices.py
 from gsa_cli.config import Config, DataConfig
 from gsa_cli.config import Dataset as DatasetKind
 from gsa_cli.errors import ConfigError, GsaError
@@ -52,13 +52,6 @@ EVAL_CROP_RATIO = 0.875  # ImageNet: resize to img_size / 0.875, then centre-cro
 
 IMAGENET_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder)"
 CIFAR_LAYOUT = "ROOT/cifar-100-python/{train,test,meta} (the extracted cifar-100-python.tar.gz)"
-
-
-class OnCorrupt(str, Enum):
-    """What to do with an image file that cannot be read."""
-
-    FAIL = "fail"
-    SKIP = "skip"
 
 
 class DataError(GsaError):

@@ -5,23 +5,18 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from enum import Enum
 
 import torch
 
+from gsa_cli.choices import Precision as Precision  # re-exported: the enum lives in choices.py
 from gsa_cli.errors import ConfigError
 
-
-class Precision(str, Enum):
-    """Compute precision; ``bf16`` and ``fp16`` run under autocast with float32 weights."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+# The torch dtype each precision computes in (under autocast for bf16 and fp16).
+DTYPES: dict[Precision, torch.dtype] = {
+    Precision.FP32: torch.float32,
+    Precision.BF16: torch.bfloat16,
+    Precision.FP16: torch.float16,
+}
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -67,7 +62,7 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     """Autocast to ``precision`` on ``device``; a no-op context for fp32."""
     if precision is Precision.FP32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def too_small_for_batch_norm(err: BaseException) -> bool:
