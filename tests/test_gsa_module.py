@@ -1,4 +1,5 @@
-"""The GSA module against a naive per-pixel reference written from spec section 1, and its properties."""
+"""The GSA module against a naive per-pixel reference written from spec section 1, its implementations
+against its reference (einsum) form, and its properties."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gsa_cli.models import GlobalSelfAttention2d
-from gsa_cli.models import gsa as gsa_module
-from gsa_cli.models.gsa import AxialRelativeAttention, ContentAttention
+from gsa_cli.models import GlobalSelfAttention2d, gsa_kernels
+from gsa_cli.models.gsa import IMPLEMENTATIONS, Axis, Implementation, axial_attention, content_attention
+from gsa_cli.models.gsa_kernels import (
+    HEIGHT,
+    WIDTH,
+    AxialRelativeAttention,
+    ContentAttention,
+    axial_attention_gemm,
+    content_attention_gemm,
+)
+
+FAST = [name for name in IMPLEMENTATIONS if name != "reference"]  # held equal to the reference
 
 
 def naive_gsa(module: GlobalSelfAttention2d, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +148,98 @@ def test_same_tables_serve_a_larger_input_than_the_span() -> None:
     torch.testing.assert_close(module(x), naive_gsa(module, x), rtol=1e-10, atol=1e-10)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The reference (the einsums of models/gsa.py) against the loop; every implementation against it.
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+def test_reference_matches_naive_loop(options: dict[str, object]) -> None:
+    module = make_module(implementation="reference", **options)
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(module(x), naive_gsa(module, x), rtol=1e-10, atol=1e-10)
+
+
+def test_reference_matches_naive_loop_in_training_mode_with_gradients() -> None:
+    module = make_module(implementation="reference", span=3).train()
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 6, 6, 5, dtype=torch.float64)
+    expected = torch.autograd.grad((naive_gsa(module, x) * weights).sum(), [x, *module.parameters()])
+    actual = torch.autograd.grad((module(x) * weights).sum(), [x, *module.parameters()])
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def _output_and_gradients(module: GlobalSelfAttention2d, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output, and the gradients of a fixed random weighting of it for the input and each parameter."""
+    out = module(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    names = ["input", *(name for name, _ in module.named_parameters())]
+    grads = torch.autograd.grad((out * weights).sum(), [x, *module.parameters()])
+    return {"output": out, **dict(zip(names, grads, strict=True))}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("implementation", FAST)
+def test_every_implementation_equals_the_reference_forward_and_backward(
+    implementation: Implementation, options: dict[str, object], training: bool
+) -> None:
+    reference = make_module(implementation="reference", **options).train(training)
+    other = make_module(implementation=implementation, **options).train(training)
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    expected, actual = _output_and_gradients(reference, x), _output_and_gradients(other, x)
+    assert set(actual) == set(expected)
+    parameters = {"qkv.weight", "rel_col", "rel_row", "bn.weight", "bn.bias"} if other.positional else set()
+    assert parameters | {"output", "input", "qkv.weight"} == set(actual)
+    for name, want in expected.items():
+        torch.testing.assert_close(actual[name], want, rtol=1e-10, atol=1e-10, msg=name)
+    for name, buffer in reference.named_buffers():  # batch-norm running statistics, when training
+        torch.testing.assert_close(dict(other.named_buffers())[name], buffer, rtol=1e-12, atol=1e-12)
+
+
+def _strided_projection(heads: int, splits: tuple[int, ...], *spatial: int) -> list[torch.Tensor]:
+    """Views of one projection split along its channels, as the module passes them: ``(B, h, c, ...)``."""
+    projection = torch.randn(2, heads * sum(splits), *spatial, dtype=torch.float64)
+    parts = projection.split([heads * c for c in splits], dim=1)
+    return [t.unflatten(1, (heads, -1)).detach().requires_grad_(True) for t in parts]
+
+
+def _assert_same_function(
+    reference: object, fast: object, inputs: list[torch.Tensor], **kwargs: object
+) -> None:
+    results = []
+    for function in (reference, fast):
+        out = function(*inputs, **kwargs)  # type: ignore[operator]
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), inputs)))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("query_softmax", [False, True], ids=["plain queries", "query softmax"])
+def test_content_functions_are_equal(query_softmax: bool) -> None:
+    torch.manual_seed(0)
+    inputs = [t.flatten(-2) for t in _strided_projection(3, (3, 3, 2), 5, 7)]  # (B, h, c, N)
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    _assert_same_function(content_attention, content_attention_gemm, inputs, query_softmax=query_softmax)
+
+
+@pytest.mark.usefixtures("logits_chunk", "result_layout")
+@pytest.mark.parametrize("axis", ["height", "width"])
+def test_axial_functions_are_equal(axis: Axis) -> None:
+    torch.manual_seed(0)
+    queries, values = _strided_projection(3, (3, 2), 5, 4)
+    length = {"height": 5, "width": 4}[axis]
+    pairs = torch.randn(3, length, 3, length, dtype=torch.float64, requires_grad=True)
+    _assert_same_function(axial_attention, axial_attention_gemm, [queries, values, pairs], axis=axis)
+
+
+def test_implementation_is_shown_and_auto_by_default() -> None:
+    assert GlobalSelfAttention2d(4, 6, heads=2, span=3).implementation == "auto"
+    module = GlobalSelfAttention2d(4, 6, heads=2, span=3, implementation="reference")
+    assert "implementation='reference'" in repr(module)
+
+
 def test_parameter_layout_follows_the_spec() -> None:
     module = GlobalSelfAttention2d(16, 32, heads=4, key_channels=8, span=5)
     shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
@@ -169,6 +271,7 @@ def test_key_channels_default_to_output_channels() -> None:
         ({"span": 0}, "span must be at least 1"),
         ({"stride": 3}, "stride must be 1 or 2"),
         ({"content": False, "positional": False}, "at least one"),
+        ({"implementation": "fast"}, "implementation must be one of auto, reference, gemm, got 'fast'"),
     ],
 )
 def test_impossible_arguments_are_refused(kwargs: dict[str, object], message: str) -> None:
@@ -178,8 +281,9 @@ def test_impossible_arguments_are_refused(kwargs: dict[str, object], message: st
         GlobalSelfAttention2d(4, 6, **options)  # type: ignore[arg-type]
 
 
-def test_content_branch_is_permutation_equivariant() -> None:
-    module = make_module(positional=False)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_content_branch_is_permutation_equivariant(implementation: Implementation) -> None:
+    module = make_module(positional=False, implementation=implementation)
     x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
     perm = torch.randperm(35)
     shuffled = x.flatten(2)[:, :, perm].reshape_as(x)
@@ -196,18 +300,20 @@ def test_positional_branch_is_not_permutation_equivariant() -> None:
     assert not torch.allclose(module(shuffled), expected)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("branch", ["content", "positional", "both"])
-def test_one_module_is_global(branch: str) -> None:
+def test_one_module_is_global(branch: str, implementation: Implementation) -> None:
     options = {"content": {"positional": False}, "positional": {"content": False}, "both": {}}[branch]
-    module = make_module(span=9, **options)
+    module = make_module(span=9, implementation=implementation, **options)
     x = torch.randn(1, 4, 9, 9, dtype=torch.float64, requires_grad=True)
     module(x)[0, :, 0, 0].sum().backward()
     assert x.grad is not None
     assert x.grad[0, :, 8, 8].abs().sum() > 0  # opposite corner
 
 
-def test_span_limits_the_positional_branch() -> None:
-    module = make_module(content=False, span=2)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_span_limits_the_positional_branch(implementation: Implementation) -> None:
+    module = make_module(content=False, span=2, implementation=implementation)
     x = torch.randn(1, 4, 9, 9, dtype=torch.float64, requires_grad=True)
     module(x)[0, :, 0, 0].sum().backward()
     assert x.grad is not None
@@ -217,8 +323,9 @@ def test_span_limits_the_positional_branch() -> None:
     assert x.grad[0, :, 1, 1].abs().sum() > 0
 
 
-def test_every_parameter_receives_a_gradient() -> None:
-    module = make_module().train()
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_every_parameter_receives_a_gradient(implementation: Implementation) -> None:
+    module = make_module(implementation=implementation).train()
     x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
     module(x).pow(2).sum().backward()
     for name, parameter in module.named_parameters():
@@ -233,13 +340,17 @@ def _counted_macs(module: GlobalSelfAttention2d, size: int) -> int:
     return counter.get_total_flops() // 2  # FlopCounterMode counts 2 FLOPs per multiply-add
 
 
-def test_content_cost_grows_linearly_with_positions() -> None:
-    module = GlobalSelfAttention2d(8, 8, heads=2, span=16, positional=False).eval()
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_content_cost_grows_linearly_with_positions(implementation: Implementation) -> None:
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=16, positional=False, implementation=implementation)
+    module.eval()
     assert _counted_macs(module, 16) == 4 * _counted_macs(module, 8)
 
 
-def test_positional_cost_grows_as_positions_times_height_plus_width() -> None:
-    module = GlobalSelfAttention2d(8, 8, heads=2, span=16, content=False).eval()
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_positional_cost_grows_as_positions_times_height_plus_width(implementation: Implementation) -> None:
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=16, content=False, implementation=implementation)
+    module.eval()
     qkv_macs = {s: 3 * 8 * 8 * s * s for s in (8, 16)}
     attention = {s: _counted_macs(module, s) - qkv_macs[s] for s in (8, 16)}
     # N (H + W) doubles the side: 4 x 2 = 8 times the work.
@@ -257,19 +368,19 @@ def logits_chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         "two heads, then one": (1 << 30, 2),
         "one head at a time": (1, 1),
     }[request.param]
-    monkeypatch.setattr(gsa_module, "PER_HEAD_LOGITS", per_head_logits)
-    monkeypatch.setattr(gsa_module, "HEAD_GROUPS", groups)
+    monkeypatch.setattr(gsa_kernels, "PER_HEAD_LOGITS", per_head_logits)
+    monkeypatch.setattr(gsa_kernels, "HEAD_GROUPS", groups)
 
 
 @pytest.fixture(params=["short results transposed", "never transposed", "always transposed"])
 def result_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run a test with each way of laying out the GEMM results (transposed when they are short)."""
     limits = {"short results transposed": 3, "never transposed": 0, "always transposed": 1 << 30}
-    monkeypatch.setattr(gsa_module, "SHORT_COLUMNS", limits[request.param])
+    monkeypatch.setattr(gsa_kernels, "SHORT_COLUMNS", limits[request.param])
 
 
 @pytest.mark.usefixtures("logits_chunk", "result_layout")
-@pytest.mark.parametrize("axis", [3, 4], ids=["column pass", "row pass"])
+@pytest.mark.parametrize("axis", [HEIGHT, WIDTH], ids=["column pass", "row pass"])
 def test_axial_pass_gradients_pass_gradcheck(axis: int) -> None:
     torch.manual_seed(0)
     batch, heads, dk, dv, height, width = 2, 3, 3, 2, 5, 4  # some results short enough to transpose
@@ -292,7 +403,7 @@ def test_axial_pass_is_twice_differentiable() -> None:
     values = torch.randn(2, 2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     pairs = torch.randn(2, 4, 2, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(
-        lambda q, v, p: AxialRelativeAttention.apply(q, v, p, 4), (queries, values, pairs)
+        lambda q, v, p: AxialRelativeAttention.apply(q, v, p, WIDTH), (queries, values, pairs)
     )
 
 
@@ -329,10 +440,11 @@ def test_module_gradients_match_the_naive_reference(options: dict[str, object]) 
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_autocast_on_cpu_is_close_to_float32(dtype: torch.dtype) -> None:
+def test_autocast_on_cpu_is_close_to_float32(dtype: torch.dtype, implementation: Implementation) -> None:
     torch.manual_seed(0)
-    module = GlobalSelfAttention2d(16, 16, heads=4, span=8).eval()
+    module = GlobalSelfAttention2d(16, 16, heads=4, span=8, implementation=implementation).eval()
     x = torch.randn(2, 16, 8, 8)
     reference = module(x)
     with torch.autocast("cpu", dtype=dtype):
@@ -367,9 +479,10 @@ def test_inference_mode_first_then_training() -> None:
     assert module.rel_col.grad is not None
 
 
-def test_compiles_without_graph_breaks() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_compiles_without_graph_breaks(implementation: Implementation) -> None:
     torch._dynamo.reset()
-    module = GlobalSelfAttention2d(8, 8, heads=2, span=6).train()
+    module = GlobalSelfAttention2d(8, 8, heads=2, span=6, implementation=implementation).train()
     x = torch.randn(2, 8, 6, 6)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -44,6 +44,7 @@ from torch import nn
 
 from gsa_cli.choices import MacCounter
 from gsa_cli.errors import GsaError
+from gsa_cli.models.gsa_kernels import AXIAL_FUNCTION, CONTENT_FUNCTION
 from gsa_cli.runtime import module_mode
 
 # Operator names as reported in MacCount.by_operator (fvcore's simplified names: "aten::" dropped).
@@ -218,7 +219,7 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
 
 
 def _axial_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
-    """GSA's axial positional pass (:class:`~gsa_cli.models.gsa.AxialRelativeAttention`).
+    """GSA's axial positional pass (:class:`~gsa_cli.models.gsa_kernels.AxialRelativeAttention`).
 
     With queries ``(B, h, d, H, W)``, values ``(B, h, c, H, W)`` and pairs ``(h, A, d, A)`` for the
     attended axis of length ``A``: the logits ``B h H W A d`` and their product with the values
@@ -231,7 +232,7 @@ def _axial_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]
 
 
 def _content_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
-    """GSA's content branch (:class:`~gsa_cli.models.gsa.ContentAttention`).
+    """GSA's content branch (:class:`~gsa_cli.models.gsa_kernels.ContentAttention`).
 
     With queries and keys ``(B, h, d, N)`` and values ``(B, h, c, N)``: the context ``B h d c N`` and
     its product with the queries ``B h c d N``; the softmax of the keys over positions (and of the
@@ -306,8 +307,8 @@ FVCORE_HANDLES: dict[str, Handle] = {
     "aten::baddbmm": _addmm_macs,
     "aten::einsum": _einsum_macs,
     "aten::scaled_dot_product_attention": _sdpa_macs,
-    "prim::PythonOp.AxialRelativeAttention": _axial_attention_macs,
-    "prim::PythonOp.ContentAttention": _content_attention_macs,
+    f"prim::PythonOp.{AXIAL_FUNCTION}": _axial_attention_macs,
+    f"prim::PythonOp.{CONTENT_FUNCTION}": _content_attention_macs,
     "aten::softmax": _softmax_cost,
     "aten::log_softmax": _softmax_cost,
     "aten::avg_pool2d": _avg_pool2d_cost,
