@@ -38,6 +38,14 @@ class ModelKind(str, Enum):
     FULL = "full"  # dense global multi-head self-attention, the quadratic baseline [ours]
 
 
+class GsaImplementation(str, Enum):
+    """How each GSA module computes its branches (``GlobalSelfAttention2d(implementation=...)``)."""
+
+    AUTO = "auto"  # the fastest for the device
+    REFERENCE = "reference"  # the plain einsums of models/gsa.py, the definition
+    GEMM = "gemm"  # the batched-GEMM autograd functions of models/gsa_kernels.py
+
+
 class Stem(str, Enum):
     IMAGENET = "imagenet"  # 7x7 conv stride 2, BN, ReLU, 3x3 max pool stride 2
     CIFAR = "cifar"  # 3x3 conv stride 1, BN, ReLU
@@ -84,6 +92,7 @@ class ModelConfig:
     content: bool = True
     positional: bool = True
     query_softmax: bool = False
+    gsa_impl: GsaImplementation = GsaImplementation.AUTO  # every implementation computes the same
 
     @property
     def stage_blocks(self) -> tuple[int, ...]:

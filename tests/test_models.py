@@ -7,6 +7,8 @@ import torch
 import torchvision
 
 from gsa_cli import build_model, load_preset
+from gsa_cli.config import GsaImplementation
+from gsa_cli.errors import ConfigError
 from gsa_cli.models import GlobalSelfAttention2d
 from gsa_cli.presets import count_parameters, preset_names
 
@@ -65,6 +67,37 @@ def test_fixed_span_and_module_switches_reach_every_module() -> None:
     for module in modules:
         assert (module.span, module.heads, module.content) == (3, 4, False)
         assert module.key_channels == module.out_channels // 2
+
+
+@pytest.mark.parametrize("implementation", ["auto", "reference", "gemm"])
+def test_gsa_implementation_reaches_every_module(implementation: str) -> None:
+    config = load_preset("cifar26", overrides=[f"model.gsa_impl={implementation}"])
+    modules = [m for m in build_model(config).modules() if isinstance(m, GlobalSelfAttention2d)]
+    assert len(modules) == 8
+    assert {module.implementation for module in modules} == {implementation}
+
+
+def test_gsa_implementation_is_auto_by_default_and_checked() -> None:
+    assert load_preset("cifar26").model.gsa_impl is GsaImplementation.AUTO
+    with pytest.raises(ConfigError, match=r"model\.gsa_impl"):
+        load_preset("cifar26", overrides=["model.gsa_impl=fast"])
+
+
+def test_implementations_of_a_whole_net_agree() -> None:
+    nets = {}
+    for implementation in ("reference", "gemm"):
+        torch.manual_seed(0)
+        config = load_preset("smoke", overrides=[f"model.gsa_impl={implementation}"])
+        nets[implementation] = build_model(config).double().train()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    outputs = {name: net(x) for name, net in nets.items()}
+    torch.testing.assert_close(outputs["gemm"], outputs["reference"], rtol=1e-10, atol=1e-10)
+    grads = {
+        name: torch.autograd.grad(out.pow(2).sum(), list(nets[name].parameters()))
+        for name, out in outputs.items()
+    }
+    for got, want in zip(grads["gemm"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_cifar_stem_keeps_resolution_and_imagenet_stem_divides_by_four() -> None:

@@ -25,6 +25,7 @@ def _gsa(model: ModelConfig, channels: int, stride: int, feature_size: int) -> n
         content=model.content,
         positional=model.positional,
         query_softmax=model.query_softmax,
+        implementation=model.gsa_impl.value,
     )
 
 
