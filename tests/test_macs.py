@@ -10,6 +10,7 @@ from gsa_cli.bench.macs import MacCount, count_macs, einsum_macs
 from gsa_cli.choices import MacCounter
 from gsa_cli.errors import GsaError
 from gsa_cli.models import FullSelfAttention2d, GlobalSelfAttention2d, build_model
+from gsa_cli.models.gsa import IMPLEMENTATIONS
 from gsa_cli.presets import load_preset
 
 FVCORE, TORCH = MacCounter.FVCORE, MacCounter.TORCH
@@ -139,6 +140,54 @@ def test_both_counters_agree_on_the_products_of_the_gsa_module() -> None:
     fvcore = count_module(module, 8, 6, 9, FVCORE)
     torch_count = count_module(module, 8, 6, 9, TORCH)
     assert torch_count.total == fvcore.products
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every implementation of the GSA module counts the same: the reference's einsums and softmaxes (fvcore's
+# einsum and softmax handles; FlopCounterMode's bmm) against the handles of the GEMM autograd functions.
+
+GSA_OPTIONS = {
+    "both branches": {},
+    "query softmax": {"query_softmax": True},
+    "stride 2, span 3": {"stride": 2, "span": 3},
+    "content only": {"positional": False},
+    "positional only": {"content": False},
+    "eight heads, key channels 32": {"heads": 8, "key_channels": 32},
+}
+
+
+@pytest.mark.parametrize("options", GSA_OPTIONS.values(), ids=GSA_OPTIONS.keys())
+def test_every_gsa_implementation_counts_the_same_macs(options: dict[str, object]) -> None:
+    counts = {}
+    for implementation in IMPLEMENTATIONS:
+        settings: dict[str, object] = {"heads": 4, "span": 9, "implementation": implementation, **options}
+        module = GlobalSelfAttention2d(8, 16, **settings)  # type: ignore[arg-type]
+        counts[implementation] = {counter: count_module(module, 8, 6, 9, counter) for counter in MacCounter}
+    gemm = counts["gemm"]
+    assert gemm[FVCORE].by_operator["conv"] < gemm[FVCORE].products  # the attention is counted
+    for implementation, count in counts.items():
+        assert count[FVCORE].uncounted == {}, implementation
+        for field in ("total", "products", "elementwise"):
+            assert getattr(count[FVCORE], field) == getattr(gemm[FVCORE], field), (implementation, field)
+        assert count[FVCORE].by_module == gemm[FVCORE].by_module, implementation
+        assert count[TORCH].total == gemm[TORCH].total == gemm[FVCORE].products, implementation
+
+
+def test_every_gsa_implementation_counts_the_same_macs_for_a_whole_net() -> None:
+    counts = {}
+    for implementation in IMPLEMENTATIONS:
+        model = build_model(load_preset("smoke", overrides=[f"model.gsa_impl={implementation}"]))
+        counts[implementation] = {
+            counter: count_macs(model, img_size=16, counter=counter) for counter in MacCounter
+        }
+    gemm = counts["gemm"]
+    for implementation, count in counts.items():
+        assert count[FVCORE].uncounted == {}, implementation
+        assert (count[FVCORE].total, count[FVCORE].products) == (gemm[FVCORE].total, gemm[FVCORE].products)
+        assert count[FVCORE].elementwise == gemm[FVCORE].elementwise
+        assert count[FVCORE].by_module == gemm[FVCORE].by_module, implementation
+        assert count[TORCH].total == gemm[TORCH].total == gemm[FVCORE].products, implementation
+        assert count[TORCH].by_module == gemm[TORCH].by_module, implementation
 
 
 # ---------------------------------------------------------------------------------------------------

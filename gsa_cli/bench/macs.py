@@ -12,7 +12,9 @@ and dense-attention modules is counted:
   the ``q k^T`` and attention-times-values products), GSA's axial positional passes and its content
   branch, custom autograd functions that fvcore sees as one ``prim::PythonOp`` each
   (``N * L * (d_k + d_v)`` for a pass along an axis of length ``L``; ``2 N d_k d_v / h`` for the
-  content branch, plus its softmaxes).
+  content branch, plus its softmaxes), keyed on the names :mod:`gsa_cli.models.gsa_kernels` exports.
+  The module's reference implementation (plain einsums and softmaxes) counts the same totals, under
+  ``einsum`` and ``softmax``.
 * **Per-element costs** (fvcore's conventions where it has one), also in the MAC total:
   batch norm 2 per element in eval mode (fvcore), adaptive average pool 1 per input element (fvcore),
   average pool 1 per input element of each window, ``mean``/``sum`` 1 per input element, softmax 3
