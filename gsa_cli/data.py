@@ -1,25 +1,35 @@
-"""Datasets, transforms, samplers and loaders for the four data sets a preset can name.
+"""Data sets, transforms, samplers and loaders for the five data sets a preset can name.
 
 - ``imagenet``: the ImageFolder layout ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (``ROOT`` may
-  also hold it under ``imagenet/``); RandomResizedCrop and flip to train, resize and centre crop to
-  evaluate.
+  also hold it under ``imagenet/``); RandomResizedCrop and flip to train, resize to ``img_size / 0.875``
+  and centre crop to evaluate.
 - ``cifar100``: the ``cifar-100-python`` folder (``train``, ``test``, ``meta``) read by torchvision's
-  ``CIFAR100`` without downloading; 4-pixel padded crop and flip.
+  ``CIFAR100`` without downloading or checking checksums; a crop padded by ``img_size / 8`` (4 pixels
+  at 32) and flip to train, a resize to evaluate when ``img_size`` is not 32.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits, split once into train and test
   (stratified, 20% test, a fixed seed), scaled to the preset's image size; padded crop, no flip.
 - ``synthetic``: deterministic random images around one random prototype per class (learnable, so a
   smoke run's loss falls), for tests.
 - ``longrange``: two glyphs a set distance apart on noise, labelled same shape or not
-  (:mod:`gsa_cli.longrange`), generated in memory from fixed seeds; float images, no augmentation.
+  (:mod:`gsa_cli.longrange`), generated in memory from fixed seeds; float images already centred, no
+  crop or flip.
 
-Every image goes through the same tail: a uint8 image tensor, optional RandAugment (training), float in
-[0, 1], normalised. An unreadable image is reported by its path: the loaders' collate function marks
-it, and :func:`check_batch` (in the main process) either fails with its path or skips it and counts.
+The folder of the two file-based sets comes from ``--data`` or the ``GSA_DATA`` environment variable
+(:func:`data_root`); the other three live in memory. Every image goes through the same tail: an image
+tensor, optional RandAugment (training), float (uint8 scaled to [0, 1]), normalised with the data set's
+statistics. An unreadable image is reported by its path: :class:`CheckedDataset` turns it into a
+:class:`BadSample`, the loaders' collate function sets it aside, and :meth:`CorruptFiles.check` (in the
+main process) either fails naming the file or skips it with one warning per file.
+
+The training sampler shards an epoch over the ranks and can start part-way into it (a resumed run sees
+the samples an uninterrupted one would); the evaluation sampler shards without padding, so that every
+sample counts exactly once. :func:`loader_workers` picks the loader processes per rank.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +45,8 @@ from gsa_cli.choices import OnCorrupt as OnCorrupt  # re-exported: the enum live
 from gsa_cli.config import Config, DataConfig
 from gsa_cli.config import Dataset as DatasetKind
 from gsa_cli.errors import ConfigError, GsaError
+
+DATA_ENV = "GSA_DATA"  # the data folder when --data is not given
 
 # Per-channel mean and std of each data set's training images, in [0, 1].
 NORMALIZATION: dict[DatasetKind, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -93,7 +105,7 @@ class Batch:
 
 
 def collate_checked(samples: Sequence[Any]) -> Batch:
-    """Stack the good samples; keep the bad ones aside (by path) for :func:`check_batch`."""
+    """Stack the good samples; keep the bad ones aside (by path) for :meth:`CorruptFiles.check`."""
     good = [s for s in samples if not isinstance(s, BadSample)]
     bad = [s for s in samples if isinstance(s, BadSample)]
     if not good:
@@ -342,7 +354,7 @@ def build_datasets(
 
     Args:
         config: The resolved config (its ``data`` section, and ``recipe.randaugment``).
-        root: The folder from :func:`data_root` (None for digits and synthetic).
+        root: The folder from :func:`data_root` (None for the data sets held in memory).
         augment: Apply the training augmentation to the training set (else the evaluation transform).
 
     Raises:
@@ -434,3 +446,20 @@ def make_loader(
         collate_fn=collate_checked,
         persistent_workers=False,
     )
+
+
+def loader_workers(requested: int | None, root: Path | None, *, world_size: int) -> int:
+    """Loader processes per rank: ``requested`` (``--workers``) if given, else 0 for the data sets held
+    in memory and, for those read from files, the cores shared among this machine's ranks (1 to 8).
+
+    Raises:
+        ConfigError: for a negative ``requested``.
+    """
+    if requested is not None:
+        if requested < 0:
+            raise ConfigError(f"--workers must not be negative, got {requested}")
+        return requested
+    if root is None:  # digits, synthetic and longrange live in memory
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, min(8, (os.cpu_count() or 1) // local))

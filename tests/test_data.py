@@ -19,6 +19,7 @@ from gsa_cli.data import (
     TrainSampler,
     build_datasets,
     data_root,
+    loader_workers,
     make_loader,
 )
 from gsa_cli.errors import ConfigError
@@ -176,3 +177,18 @@ def test_train_sampler_resumes_part_way_through_the_same_epoch_order() -> None:
 def test_shard_sampler_counts_every_sample_once() -> None:
     shards = [list(ShardSampler(10, rank=rank, world_size=3)) for rank in range(3)]
     assert sorted(functools.reduce(operator.iadd, shards, [])) == list(range(10))
+
+
+def test_loader_workers_none_in_memory_and_the_cores_shared_by_a_machines_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert loader_workers(3, None, world_size=1) == 3  # asked for: as asked
+    assert loader_workers(None, None, world_size=1) == 0  # an in-memory data set
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(None, tmp_path, world_size=1) == 8  # at most 8
+    assert loader_workers(None, tmp_path, world_size=4) == 4  # 16 cores over 4 ranks
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # torchrun's ranks on this machine
+    assert loader_workers(None, tmp_path, world_size=64) == 1  # at least 1
+    with pytest.raises(ConfigError, match="--workers must not be negative, got -1"):
+        loader_workers(-1, None, world_size=1)
