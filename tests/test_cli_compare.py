@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -15,9 +17,13 @@ from fixtures_runs import write_run
 from typer.testing import CliRunner
 
 from gsa_cli.cli.app import app
+from gsa_cli.cli.options import split_inputs
+from gsa_cli.errors import ConfigError
 from gsa_cli.presets import count_parameters, load_preset
+from gsa_cli.report.compare import GMACS_COUNTED
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--preset", "smoke", "--device", "cpu", "--warmup", "0", "--iters", "1", "--batch-size", "2"]
 
 
@@ -145,3 +151,58 @@ def test_runs_gsa_train_wrote_are_compared_as_recorded(tmp_path: Path) -> None:
         assert record["best_top1"] == metrics["val_top1"].max()
         assert record["final_top1"] == metrics["val_top1"].iloc[-1]
     assert records[1]["params_ratio"] == pytest.approx(records[1]["params"] / records[0]["params"])
+
+
+def test_inputs_are_kinds_or_directories_never_both(tmp_path: Path) -> None:
+    two_runs = [
+        write_run(tmp_path / kind, kind=kind, val_top1=[50.0], params=2, gmacs=1.0)
+        for kind in ("conv", "gsa")
+    ]
+    assert split_inputs(["conv", "vs", "gsa"]).kinds == ("conv", "gsa")
+    assert split_inputs(["conv", "gsa", "full"]).kinds == ("conv", "gsa", "full")
+    glob = str(two_runs[0].parent / "*")
+    assert split_inputs([glob]).runs == tuple(two_runs)
+    with pytest.raises(ConfigError, match="model kinds or run directories, not both"):
+        split_inputs(["conv", str(two_runs[1])])
+    with pytest.raises(ConfigError, match="cnv: neither a model kind"):
+        split_inputs(["cnv", "gsa"])
+    with pytest.raises(ConfigError, match="matches no run directory"):
+        split_inputs([str(two_runs[0].parent / "nothing*")])
+    with pytest.raises(ConfigError, match="gsa named more than once"):
+        split_inputs(["gsa", "vs", "gsa"])
+    with pytest.raises(ConfigError, match="nothing to compare"):
+        split_inputs(["vs"])
+
+
+def test_gmacs_an_older_summary_lacks_are_counted_from_the_config_and_labelled(tmp_path: Path) -> None:
+    from gsa_cli.bench.macs import count_macs
+    from gsa_cli.models import build_model
+
+    run = write_run(tmp_path / "old", kind="gsa", val_top1=[10.0], params=1, gmacs=None)
+    result = runner.invoke(app, ["compare", str(run), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    count = count_macs(build_model(load_preset("smoke", model="gsa")), img_size=16)
+    assert record["gmacs"] == pytest.approx(count.total / 1e9)
+    assert record["gmacs_source"] == GMACS_COUNTED
+
+
+def test_comparing_runs_that_record_their_gmacs_does_not_import_torch(tmp_path: Path) -> None:
+    runs = [
+        str(write_run(tmp_path / kind, kind=kind, val_top1=[50.0, 60.0], params=2, gmacs=1.0))
+        for kind in ("conv", "gsa")
+    ]
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from gsa_cli.cli.app import app\n"
+        f"result = CliRunner().invoke(app, ['compare', *{runs!r}, '--out', {str(out)!r}])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "compare.md").is_file()

@@ -15,9 +15,14 @@ from fixtures_runs import write_run
 
 from gsa_cli.choices import Accuracy
 from gsa_cli.errors import ConfigError, GsaError
-from gsa_cli.report.compare import GMACS_COUNTED, GMACS_FROM_SUMMARY, compare_runs, split_inputs
+from gsa_cli.report.compare import (
+    GMACS_COUNTED,
+    GMACS_FROM_SUMMARY,
+    GMACS_UNCOUNTABLE,
+    compare_runs,
+)
 from gsa_cli.report.files import write_report
-from gsa_cli.results import read_run
+from gsa_cli.results import RunRecord, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,16 +101,26 @@ def test_report_files_read_back_and_the_markdown_embeds_the_plots(
     assert "| conv | conv | 3/3 | 80 | 2 |" in report
 
 
-def test_gmacs_an_older_summary_lacks_are_counted_from_the_config_and_labelled(tmp_path: Path) -> None:
-    from gsa_cli import build_model
-    from gsa_cli.bench.macs import count_macs
-    from gsa_cli.presets import load_preset
+def test_the_gmacs_counter_is_called_only_for_runs_whose_summary_lacks_them(two_runs: list[Path]) -> None:
+    old = write_run(two_runs[0].parent / "old", kind="gsa", val_top1=[10.0], params=1, gmacs=None)
+    asked: list[Path] = []
 
+    def counter(record: RunRecord) -> float | None:
+        asked.append(record.path)
+        return 0.25
+
+    frame = compare_runs([*two_runs, old], count_gmacs=counter).frame
+    assert asked == [old]
+    assert frame["gmacs"].tolist() == [2.0, 1.5, 0.25]
+    assert frame["gmacs_source"].tolist() == [GMACS_FROM_SUMMARY, GMACS_FROM_SUMMARY, GMACS_COUNTED]
+
+
+def test_gmacs_an_older_summary_lacks_stay_missing_without_a_counter(tmp_path: Path) -> None:
     run = write_run(tmp_path / "old", kind="gsa", val_top1=[10.0], params=1, gmacs=None)
-    frame = compare_runs([run]).frame
-    count = count_macs(build_model(load_preset("smoke", model="gsa")), img_size=16)
-    assert frame["gmacs"].iloc[0] == pytest.approx(count.total / 1e9)
-    assert frame["gmacs_source"].iloc[0] == GMACS_COUNTED
+    for comparison in (compare_runs([run]), compare_runs([run], count_gmacs=lambda record: None)):
+        assert pd.isna(comparison.frame["gmacs"].iloc[0])
+        assert comparison.frame["gmacs_source"].iloc[0] == GMACS_UNCOUNTABLE
+        assert f"GMACs: {GMACS_UNCOUNTABLE}" in comparison.views[0].caption
 
 
 def test_gmacs_gsa_train_could_not_count_stay_missing(tmp_path: Path) -> None:
@@ -164,23 +179,6 @@ def test_by_key_tabulates_top1_against_the_config_value_per_model(tmp_path: Path
 def test_by_key_a_run_lacks_is_named(two_runs: list[Path]) -> None:
     with pytest.raises(ConfigError, match=r"--by data\.nope: .*conv/config\.yaml has no such key"):
         compare_runs(two_runs, by="data.nope")
-
-
-def test_inputs_are_kinds_or_directories_never_both(two_runs: list[Path]) -> None:
-    assert split_inputs(["conv", "vs", "gsa"]).kinds == ("conv", "gsa")
-    assert split_inputs(["conv", "gsa", "full"]).kinds == ("conv", "gsa", "full")
-    glob = str(two_runs[0].parent / "*")
-    assert split_inputs([glob]).runs == tuple(two_runs)
-    with pytest.raises(ConfigError, match="model kinds or run directories, not both"):
-        split_inputs(["conv", str(two_runs[1])])
-    with pytest.raises(ConfigError, match="cnv: neither a model kind"):
-        split_inputs(["cnv", "gsa"])
-    with pytest.raises(ConfigError, match="matches no run directory"):
-        split_inputs([str(two_runs[0].parent / "nothing*")])
-    with pytest.raises(ConfigError, match="gsa named more than once"):
-        split_inputs(["gsa", "vs", "gsa"])
-    with pytest.raises(ConfigError, match="nothing to compare"):
-        split_inputs(["vs"])
 
 
 def test_half_written_run_directories_are_named(tmp_path: Path) -> None:

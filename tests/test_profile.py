@@ -9,17 +9,12 @@ import torch
 
 from gsa_cli.bench import profile as profiling
 from gsa_cli.bench.macs import count_macs
-from gsa_cli.bench.profile import (
-    ProfileSettings,
-    Timing,
-    profile,
-    rows_frame,
-    summary_frame,
-)
+from gsa_cli.bench.profile import ProfileSettings, Timing, profile
 from gsa_cli.choices import MacCounter, Mode
 from gsa_cli.errors import ConfigError
 from gsa_cli.models import build_model
 from gsa_cli.presets import load_preset
+from gsa_cli.report.profile import rows_frame, summary_frame
 from gsa_cli.runtime import Precision
 
 FAST: dict[str, Any] = {"warmup": 0, "iters": 2, "device": "cpu"}

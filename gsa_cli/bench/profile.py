@@ -22,6 +22,10 @@ were obtained (device, torch version, precision, layout, compile, counter). How 
 * **CPU wait**: the share of each mode's wall time during which some task on the machine waited for a
   CPU (:func:`gsa_cli.bench.timers.cpu_wait`, Linux PSI): high values flag timings taken on a busy machine.
 * An out-of-memory error is recorded in its row (``status``) and the sweep goes on.
+
+:func:`profile_kinds` profiles several configs (model kinds) one after another, for ``gsa compare``.
+The rows are data: :mod:`gsa_cli.report.profile` and :mod:`gsa_cli.report.compare` make the tables, and
+:mod:`gsa_cli.bench.breakdown` breaks a count down by module and operator.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,6 +303,96 @@ def _uncounted_text(count: MacCount) -> str:
     return ", ".join(f"{op.removeprefix('aten::')} x{n}" for op, n in sorted(count.uncounted.items()))
 
 
+def _run_for(settings: ProfileSettings, device: torch.device) -> _Run:
+    defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    return _Run(
+        device=device,
+        precision=settings.precision,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        warmup=defaults["warmup"] if settings.warmup is None else settings.warmup,
+        iters=defaults["iters"] if settings.iters is None else settings.iters,
+        seed=settings.seed,
+    )
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """A model built for one image size: its MACs and parameters."""
+
+    count: MacCount
+    module_params: dict[str, int]
+    params: int
+    trainable: int
+
+
+def _count(config: Config, settings: ProfileSettings) -> _Counted:
+    seed_everything(settings.seed)
+    model = build_model(config)
+    size = config.data.img_size
+    count = count_macs(model, img_size=size, channels=config.data.channels, counter=settings.counter)
+    return _Counted(
+        count=count,
+        module_params=_module_params(model),
+        params=sum(p.numel() for p in model.parameters()),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+
+
+def _fixed_columns(settings: ProfileSettings, run: _Run) -> dict[str, Any]:
+    """The columns every row of a profile shares: how its numbers were obtained."""
+    name = device_name(run.device)
+    tf32 = bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+    peak = dense_peak(name, settings.precision, tf32=tf32) if run.device.type == "cuda" else None
+    return {
+        "device": name,
+        "precision": settings.precision.value,
+        "layout": "channels_last" if settings.channels_last else "nchw",
+        "compile": settings.compile,
+        "counter": settings.counter.value,
+        "memory": memory_label(run.device),
+        "dense_peak_tflops": None if peak is None else peak[0],
+        "peak_math": None if peak is None else peak[1],
+        "warmup": run.warmup,
+        "iters": run.iters,
+    }
+
+
+def _new_row(config: Config, batch: int, counted: _Counted, fixed: dict[str, Any]) -> ProfileRow:
+    """A row of what is known before timing: the model's size and count, and how it is measured."""
+    count = counted.count
+    return ProfileRow(
+        preset=config.name,
+        model=config.model.kind.value,
+        img_size=config.data.img_size,
+        batch=batch,
+        params=counted.params,
+        trainable_params=counted.trainable,
+        gmacs=count.total / 1e9,
+        gmacs_products=count.products / 1e9,
+        g_elementwise=None if count.elementwise is None else count.elementwise / 1e9,
+        gmacs_spatial=spatial_macs(count) / 1e9,
+        uncounted=_uncounted_text(count),
+        **fixed,
+    )
+
+
+def _measure_row(
+    row: ProfileRow, config: Config, run: _Run, mode: Mode, macs: int, say: Callable[[str], None]
+) -> None:
+    """:func:`_measure`, with a failure of ``torch.compile`` turned into one line that says so."""
+    try:
+        _measure(row, config, run, mode, macs, say)
+    except GsaError:
+        raise
+    except Exception as err:
+        if not run.compile:
+            raise
+        raise GsaError(
+            f"torch.compile failed ({type(err).__name__}: {err}); retry without --compile"
+        ) from err
+
+
 def profile(
     config: Config, settings: ProfileSettings, *, progress: Callable[[str], None] | None = None
 ) -> ProfileResult:
@@ -314,21 +408,11 @@ def profile(
         GsaError: when the model cannot be counted or compiled.
     """
     _check(settings)
-    device = resolve_device(settings.device)
-    defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    run = _Run(
-        device=device,
-        precision=settings.precision,
-        channels_last=settings.channels_last,
-        compile=settings.compile,
-        warmup=defaults["warmup"] if settings.warmup is None else settings.warmup,
-        iters=defaults["iters"] if settings.iters is None else settings.iters,
-        seed=settings.seed,
-    )
+    run = _run_for(settings, resolve_device(settings.device))
     say = progress or (lambda line: None)
-    tf32 = bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
-    name = device_name(device)
-    peak = dense_peak(name, settings.precision, tf32=tf32) if device.type == "cuda" else None
+    fixed = _fixed_columns(settings, run)
+    defaults = CUDA_DEFAULTS if run.device.type == "cuda" else CPU_DEFAULTS
+    batches = settings.batch_sizes or (defaults["batch"],)
     result = ProfileResult(rows=[])
     benchmark_mode = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
@@ -336,178 +420,27 @@ def profile(
         for img_size in settings.img_sizes or (config.data.img_size,):
             sized = at_image_size(config, img_size)
             say(f"{config.model.kind.value} {img_size} px: counting multiply-adds ({settings.counter.value})")
-            seed_everything(settings.seed)
-            model = build_model(sized)
-            count = count_macs(
-                model, img_size=img_size, channels=sized.data.channels, counter=settings.counter
-            )
-            result.counts[img_size] = count
-            result.module_params[img_size] = _module_params(model)
-            params = sum(p.numel() for p in model.parameters())
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            del model
-            for batch in settings.batch_sizes or (defaults["batch"],):
-                row = ProfileRow(
-                    preset=config.name,
-                    model=config.model.kind.value,
-                    img_size=img_size,
-                    batch=batch,
-                    params=params,
-                    trainable_params=trainable,
-                    gmacs=count.total / 1e9,
-                    gmacs_products=count.products / 1e9,
-                    g_elementwise=None if count.elementwise is None else count.elementwise / 1e9,
-                    gmacs_spatial=spatial_macs(count) / 1e9,
-                    device=name,
-                    precision=settings.precision.value,
-                    layout="channels_last" if settings.channels_last else "nchw",
-                    compile=settings.compile,
-                    counter=settings.counter.value,
-                    memory=memory_label(device),
-                    dense_peak_tflops=None if peak is None else peak[0],
-                    peak_math=None if peak is None else peak[1],
-                    warmup=run.warmup,
-                    iters=run.iters,
-                    uncounted=_uncounted_text(count),
-                )
-                try:
-                    _measure(row, sized, run, settings.mode, count.total, say)
-                except GsaError:
-                    raise
-                except Exception as err:
-                    if not run.compile:
-                        raise
-                    raise GsaError(
-                        f"torch.compile failed ({type(err).__name__}: {err}); retry without --compile"
-                    ) from err
+            counted = _count(sized, settings)
+            result.counts[img_size] = counted.count
+            result.module_params[img_size] = counted.module_params
+            for batch in batches:
+                row = _new_row(sized, batch, counted, fixed)
+                _measure_row(row, sized, run, settings.mode, counted.count.total, say)
                 result.rows.append(row)
     finally:
         torch.backends.cudnn.benchmark = benchmark_mode
     return result
 
 
-# ---------------------------------------------------------------------------------------------------
-# Tables of results (pandas frames; rendering and files are gsa_cli.report.tables' business).
+def profile_kinds(
+    configs: Sequence[Config], settings: ProfileSettings, *, progress: Callable[[str], None] | None = None
+) -> list[ProfileRow]:
+    """Profile each config (one per model kind, say) under the same settings, one after another.
 
-
-def rows_frame(rows: list[ProfileRow]) -> Any:
-    """The rows as a pandas DataFrame, one column per :class:`ProfileRow` field."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        [dataclasses.asdict(row) for row in rows], columns=[f.name for f in dataclasses.fields(ProfileRow)]
-    )
-
-
-def module_frame(count: MacCount, params: dict[str, int], *, depth: int = 2) -> Any:
-    """Per-module parameters and MACs down to ``depth`` levels of module names (``layer1.0`` is 2)."""
-    import pandas as pd
-
-    total = count.total or 1
-    records = []
-    for name, macs in count.by_module.items():
-        if name and name.count(".") >= depth:
-            continue
-        if name and macs == 0 and params.get(name, 0) == 0:
-            continue  # ReLU, max pool: no parameters, nothing counted
-        records.append(
-            {
-                "module": name or "(model)",
-                "params": params.get(name, 0),
-                "gmacs": macs / 1e9,
-                "share_pct": 100 * macs / total,
-            }
-        )
-    return pd.DataFrame(records, columns=["module", "params", "gmacs", "share_pct"])
-
-
-def operator_frame(count: MacCount) -> Any:
-    """Per-operator counts; elementwise operators marked as not part of the MAC total."""
-    import pandas as pd
-
-    from gsa_cli.bench.macs import ELEMENTWISE_OPS, PRODUCT_OPS
-
-    def kind(op: str) -> str:
-        if op in ELEMENTWISE_OPS:
-            return "elementwise (not in GMACs)"
-        if op in PRODUCT_OPS or count.counter is MacCounter.TORCH:
-            return "product"
-        return "per-element cost"
-
-    total = count.total or 1
-    records = [
-        {
-            "operator": op,
-            "kind": kind(op),
-            "G": n / 1e9,
-            "share of GMACs %": None if kind(op).startswith("elementwise") else 100 * n / total,
-        }
-        for op, n in sorted(count.by_operator.items(), key=lambda item: -item[1])
-    ]
-    return pd.DataFrame(records, columns=["operator", "kind", "G", "share of GMACs %"])
-
-
-# What the terminal and Markdown views show, under which headers; the files keep every column.
-SUMMARY_HEADERS = {
-    "model": "model",
-    "img_size": "px",
-    "batch": "batch",
-    "params": "params",
-    "gmacs": "GMACs",
-    "gmacs_products": "of which products",
-    "g_elementwise": "G elementwise",
-    "gmacs_spatial": "spatial-op GMACs",
-    "infer_img_s": "infer img/s",
-    "infer_latency": "infer ms (IQR)",
-    "infer_peak_mib": "infer peak MiB",
-    "infer_tflops": "infer TFLOP/s",
-    "infer_peak_pct": "infer % peak",
-    "infer_cpu_wait_pct": "infer CPU wait %",
-    "train_img_s": "train img/s",
-    "train_latency": "train ms (IQR)",
-    "train_peak_mib": "train peak MiB",
-    "train_tflops": "train TFLOP/s",
-    "train_peak_pct": "train % peak",
-    "train_cpu_wait_pct": "train CPU wait %",
-    "status": "status",
-}
-# Held fixed in a profile: shown once, in the caption, when every row has the same value.
-CONTEXT_COLUMNS = (
-    "preset",
-    "model",
-    "device",
-    "torch",
-    "precision",
-    "layout",
-    "compile",
-    "counter",
-    "warmup",
-    "iters",
-    "memory",
-    "dense_peak_tflops",
-    "peak_math",
-    "uncounted",
-    "status",
-)
-
-
-def summary_frame(frame: Any) -> tuple[Any, str]:
-    """The columns worth reading from :func:`rows_frame`, and a caption of what every row shares.
-
-    Latency shows as ``median (IQR)``; columns empty in every row (a mode not timed, a peak not known)
-    are dropped.
+    The rows of every config, in order; :func:`gsa_cli.report.compare.compare_kinds` sets them side
+    by side. Raises as :func:`profile` does.
     """
-    import pandas as pd
-
-    from gsa_cli.report.tables import caption, format_value, split_constant, view
-
-    frame = frame.copy()
-    for prefix in ("infer", "train"):
-        frame[f"{prefix}_latency"] = [
-            None if pd.isna(ms) else f"{format_value(float(ms))} ({format_value(float(iqr))})"
-            for ms, iqr in zip(frame[f"{prefix}_ms"], frame[f"{prefix}_ms_iqr"], strict=True)
-        ]
-    frame = frame.dropna(axis="columns", how="all")
-    frame, constant = split_constant(frame, [c for c in CONTEXT_COLUMNS if c != "model" or len(frame) > 1])
-    constant = {k: v for k, v in constant.items() if v not in (None, "") and v == v}
-    return view(frame, SUMMARY_HEADERS), caption(constant)
+    rows: list[ProfileRow] = []
+    for config in configs:
+        rows += profile(config, settings, progress=progress).rows
+    return rows

@@ -1,33 +1,80 @@
 """The ``gsa`` command line: thin commands that parse, call one library function and render.
 
-``main()`` is the console script: it turns the project's errors into one red line and an exit code
-(2 for usage and configuration errors, 1 for failures at run time); ``--debug`` shows the traceback.
+The options are declared in :mod:`gsa_cli.cli.options`, the output in :mod:`gsa_cli.cli.render`, the
+progress of a run in :mod:`gsa_cli.cli.progress`. ``main()`` is the console script: it turns the
+project's errors into one red line and an exit code (2 for usage and configuration errors, 1 for
+failures at run time); ``--debug`` shows the traceback. Commands import the library when they run, so
+that ``gsa --help`` and ``gsa compare RUN_DIR...`` start without torch.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.syntax import Syntax
-from rich.table import Table
 from typer.core import TyperGroup
 
-from gsa_cli.choices import Accuracy, MacCounter, Mode, OutputFormat
+from gsa_cli.choices import Accuracy, MacCounter, Mode, OnCorrupt, OutputFormat, Precision
+from gsa_cli.cli import render
+from gsa_cli.cli.options import (
+    AccuracyOpt,
+    BatchSizesOpt,
+    ByOpt,
+    ChannelsLastOpt,
+    CompareTargetsArg,
+    CompileOpt,
+    CorruptOpt,
+    CounterOpt,
+    DataOpt,
+    DebugOpt,
+    DetailOpt,
+    DeviceOpt,
+    EmaOpt,
+    EpochsOpt,
+    EvalBatchSizeOpt,
+    EvalTargetArg,
+    FormatOpt,
+    ImgSizesOpt,
+    ItersOpt,
+    LrOpt,
+    ModelOpt,
+    ModeOpt,
+    NnodesOpt,
+    NodeRankOpt,
+    NprocOpt,
+    OutOpt,
+    PrecisionOpt,
+    PresetArg,
+    PresetOpt,
+    RdzvEndpointOpt,
+    ReportDirOpt,
+    ResumeOpt,
+    RunDirOpt,
+    SetOpt,
+    SyncBnOpt,
+    ThreadsOpt,
+    TrainBatchSizeOpt,
+    TrainChannelsLastOpt,
+    TrainCompileOpt,
+    TrainPrecisionOpt,
+    TrainPresetOpt,
+    WarmupOpt,
+    WorkersOpt,
+    parse_sizes,
+    split_inputs,
+)
 from gsa_cli.errors import ConfigError, DeprecatedKeyWarning, GsaError
 
 if TYPE_CHECKING:
     from gsa_cli.bench.profile import ProfileSettings
-    from gsa_cli.results import EvalReport, RunSummary
+    from gsa_cli.config import Config
+    from gsa_cli.report.compare import Comparison
+    from gsa_cli.results import RunRecord
 
-console = Console()
-error_console = Console(stderr=True)
 _state = {"debug": False}
 
 
@@ -42,7 +89,7 @@ class _Group(TyperGroup):
         except GsaError as err:
             if _state["debug"]:
                 raise
-            error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            render.error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
 
 
@@ -59,136 +106,14 @@ presets_app = typer.Typer(
 )
 app.add_typer(presets_app, name="presets")
 
-# Options shared by several commands, declared once.
-PresetArg = Annotated[str, typer.Argument(help="A preset name (see `gsa presets`) or a path to a YAML file.")]
-PresetOpt = Annotated[
-    str, typer.Option("--preset", "-p", help="A preset name (see `gsa presets`) or a path to a YAML file.")
-]
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Model kind: gsa (GSA-ResNet), conv (its ResNet twin) or full (dense global attention).",
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a preset value, e.g. --set model.heads=4 (repeatable)."),
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-
-
-class PrecisionChoice(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-PrecisionOpt = Annotated[
-    PrecisionChoice, typer.Option("--precision", help="fp32, or bf16/fp16 autocast with fp32 weights.")
-]
-BatchSizesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--batch-size", "-b", help="Batch sizes, comma-separated (default: 64 on a GPU, 4 on the CPU)."
-    ),
-]
-ImgSizesOpt = Annotated[
-    str | None,
-    typer.Option("--img-size", help="Image sizes in pixels, comma-separated (default: the preset's)."),
-]
-ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="Time a torch.compile'd model.")]
-ModeOpt = Annotated[Mode, typer.Option("--mode", help="Time inference, a training step, or both.")]
-WarmupOpt = Annotated[
-    int | None, typer.Option("--warmup", help="Untimed iterations (default: 10 on a GPU, 2 on the CPU).")
-]
-ItersOpt = Annotated[
-    int | None, typer.Option("--iters", help="Timed iterations (default: 40 on a GPU, 5 on the CPU).")
-]
-CounterOpt = Annotated[
-    MacCounter,
-    typer.Option("--counter", help="Who counts the multiply-adds: fvcore or torch (FlopCounterMode)."),
-]
-FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="How to print the results.")]
-OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Also write the results to FILE (.csv, .json or .md).")
-]
-
-
-def parse_sizes(text: str | None, option: str) -> tuple[int, ...] | None:
-    """``"32,64,128"`` as ``(32, 64, 128)``; ``None`` stays ``None``."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            f"{option} {text}: expected whole numbers separated by commas, e.g. 32,64"
-        ) from None
-
-
-def _profile_settings(
-    device: str,
-    precision: PrecisionChoice,
-    batch_size: str | None,
-    img_size: str | None,
-    mode: Mode,
-    channels_last: bool,
-    compile: bool,
-    warmup: int | None,
-    iters: int | None,
-    counter: MacCounter,
-) -> ProfileSettings:
-    """The settings of ``gsa profile`` and of ``gsa compare`` on model kinds, from their options."""
-    from gsa_cli.bench.profile import ProfileSettings
-    from gsa_cli.runtime import Precision
-
-    return ProfileSettings(
-        device=device,
-        precision=Precision(precision.value),
-        batch_sizes=parse_sizes(batch_size, "--batch-size"),
-        img_sizes=parse_sizes(img_size, "--img-size"),
-        mode=mode,
-        channels_last=channels_last,
-        compile=compile,
-        warmup=warmup,
-        iters=iters,
-        counter=counter,
-    )
-
-
-DataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data", envvar="GSA_DATA", help="Data folder (ImageFolder or cifar-100-python); env GSA_DATA."
-    ),
-]
-WorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--workers", help="Loader processes per rank (default: 0 for in-memory data, else up to 8)."
-    ),
-]
-
-
-class CorruptChoice(str, Enum):
-    fail = "fail"
-    skip = "skip"
-
-
-CorruptOpt = Annotated[
-    CorruptChoice,
-    typer.Option("--on-corrupt", help="An unreadable image file: fail naming it, or skip it with a warning."),
-]
-
 
 @app.callback()
-def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False,
-) -> None:
+def _root(debug: DebugOpt = False) -> None:
     _state["debug"] = debug
+
+
+# ---------------------------------------------------------------------------------------------------
+# gsa presets.
 
 
 @presets_app.callback()
@@ -198,39 +123,20 @@ def presets_list(ctx: typer.Context) -> None:
         return
     from gsa_cli.presets import preset_summaries
 
-    table = Table(title="Presets")
-    for column in ("preset", "data set", "image", "conv params", "gsa params", "description"):
-        table.add_column(column, justify="right" if column.endswith("params") else "left")
-    for row in preset_summaries():
-        table.add_row(
-            row.name,
-            row.dataset,
-            f"{row.img_size} px",
-            f"{row.conv_params:,}",
-            f"{row.gsa_params:,}",
-            row.description,
-        )
-    console.print(table)
-    console.print("Parameter counts are computed from the models the presets build (all parameters).")
+    render.presets(preset_summaries())
 
 
 @presets_app.command("show")
-def presets_show(
-    preset: PresetArg,
-    model: ModelOpt = "gsa",
-    overrides: SetOpt = None,
-) -> None:
+def presets_show(preset: PresetArg, model: ModelOpt = "gsa", overrides: SetOpt = None) -> None:
     """Print a preset resolved and validated, as YAML that loads back to the same config."""
     from gsa_cli.config import config_to_yaml
     from gsa_cli.presets import load_preset
 
-    config = load_preset(preset, model=model, overrides=overrides or ())
-    text = config_to_yaml(config)
-    if console.is_terminal:
-        console.print(Syntax(text, "yaml", background_color="default"))
-    else:
-        sys.stdout.write(text)
+    render.yaml_text(config_to_yaml(load_preset(preset, model=model, overrides=overrides or ())))
 
+
+# ---------------------------------------------------------------------------------------------------
+# gsa train and gsa eval.
 
 # Options of `gsa train` that only the launching process uses; workers do not see them.
 _LAUNCH_ONLY = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
@@ -241,6 +147,34 @@ _RUN_DEFINING = ("preset", "model", "overrides", "epochs", "batch_size", "lr")
 def _given(ctx: typer.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     return source is not None and source.name != "DEFAULT"
+
+
+def _flags(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` given on the command line, spelled as flags."""
+    return ["--" + name.replace("_", "-").replace("overrides", "set") for name in names if _given(ctx, name)]
+
+
+def _train_config(ctx: typer.Context, resume: Path | None, out: Path | None) -> Config | None:
+    """The config a new run trains (the preset with the options applied); None for a resumed run.
+
+    Raises:
+        ConfigError: for a resumed run given options that would redefine it, or a bad preset.
+    """
+    if resume is not None:
+        clashing = _flags(ctx, _RUN_DEFINING)
+        if clashing or out is not None:
+            raise ConfigError(
+                f"--resume continues a run as it was configured; drop {', '.join(clashing) or '--out'} "
+                "(start a new run to change them)"
+            )
+        return None
+    from gsa_cli.presets import load_preset
+
+    settings = list(ctx.params["overrides"] or ())
+    for key in ("epochs", "batch_size", "lr"):
+        if ctx.params[key] is not None:
+            settings.append(f"recipe.{key}={ctx.params[key]}")
+    return load_preset(ctx.params["preset"], model=ctx.params["model"], overrides=settings)
 
 
 def _worker_args(ctx: typer.Context, out: Path | None) -> list[str]:
@@ -263,165 +197,126 @@ def _worker_args(ctx: typer.Context, out: Path | None) -> list[str]:
     return args if out is None else [*args, "--out", str(out)]
 
 
-def _render_summary(summary: RunSummary) -> None:
-    table = Table(title=f"{summary.preset} / {summary.model_kind}: {summary.run_dir}")
-    for column in ("best top-1", "at epoch", "final top-1", "final top-5", "parameters", "wall time"):
-        table.add_column(column, justify="right")
+def _launch(ctx: typer.Context, config: Config | None, out: Path | None) -> None:
+    """Start this node's `gsa train` workers under torchrun, all writing to one run directory."""
+    from gsa_cli.results import default_run_dir
+    from gsa_cli.train.distributed import launch
 
-    def percent(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}%"
-
-    table.add_row(
-        percent(summary.best_top1),
-        f"{summary.best_epoch}/{summary.epochs}",
-        percent(summary.final_top1),
-        percent(summary.final_top5),
-        f"{summary.parameters:,}",
-        f"{summary.wall_time_s:.1f} s",
+    # Every worker must write to the same run directory: choose it here, once.
+    target = None if config is None else out or default_run_dir(config.name, config.model.kind.value)
+    params = ctx.params
+    launch(
+        _worker_args(ctx, target),
+        nproc=params["nproc"],
+        nnodes=params["nnodes"],
+        node_rank=params["node_rank"],
+        rdzv_endpoint=params["rdzv_endpoint"],
     )
-    console.print(table)
 
 
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    preset: Annotated[
-        str, typer.Option("--preset", "-p", help="A preset name (see `gsa presets`) or a YAML file.")
-    ] = "digits",
+    preset: TrainPresetOpt = "digits",
     model: ModelOpt = "gsa",
     overrides: SetOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Override recipe.epochs.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Override recipe.batch_size (per process).")
-    ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Override recipe.lr.")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: TrainBatchSizeOpt = None,
+    lr: LrOpt = None,
     data: DataOpt = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run directory (default: runs/PRESET-MODEL-TIMESTAMP).")
-    ] = None,
-    resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the run in this directory from its last.pt.")
-    ] = None,
+    out: RunDirOpt = None,
+    resume: ResumeOpt = None,
     device: DeviceOpt = "auto",
-    precision: Annotated[
-        PrecisionChoice, typer.Option("--precision", help="fp32, or bf16/fp16 autocast (fp16 with a scaler).")
-    ] = PrecisionChoice.fp32,
-    channels_last: Annotated[
-        bool, typer.Option("--channels-last", help="Channels-last memory layout.")
-    ] = False,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    precision: TrainPrecisionOpt = Precision.FP32,
+    channels_last: TrainChannelsLastOpt = False,
+    compile_model: TrainCompileOpt = False,
     workers: WorkersOpt = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads for torch (default: one per core).")
-    ] = None,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes.")] = False,
-    on_corrupt: CorruptOpt = CorruptChoice.fail,
-    nproc: Annotated[
-        int, typer.Option("--nproc", help="Processes per node; above 1, launches DDP workers via torchrun.")
-    ] = 1,
-    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes of a multi-node job.")] = 1,
-    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank (multi-node).")] = 0,
-    rdzv_endpoint: Annotated[
-        str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the nodes meet (multi-node).")
-    ] = None,
+    threads: ThreadsOpt = None,
+    sync_bn: SyncBnOpt = False,
+    on_corrupt: CorruptOpt = OnCorrupt.FAIL,
+    nproc: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    rdzv_endpoint: RdzvEndpointOpt = None,
 ) -> None:
     """Train a preset's model and write a run directory (config, metrics, summary, checkpoints)."""
-    from gsa_cli.cli.progress import PlainReporter, RichReporter
-    from gsa_cli.data import OnCorrupt
-    from gsa_cli.presets import load_preset
-    from gsa_cli.results import default_run_dir
-    from gsa_cli.runtime import Precision
-    from gsa_cli.train.distributed import in_torchrun, is_main_process, launch
+    from gsa_cli.cli.progress import reporter_for
+    from gsa_cli.train.distributed import in_torchrun, is_main_process
     from gsa_cli.train.run import TrainOptions, train
 
-    config = None
-    if resume is not None:
-        clashing = [name for name in _RUN_DEFINING if _given(ctx, name)]
-        if clashing or out is not None:
-            names = ", ".join("--" + n.replace("_", "-").replace("overrides", "set") for n in clashing)
-            raise ConfigError(
-                f"--resume continues a run as it was configured; drop {names or '--out'} "
-                "(start a new run to change them)"
-            )
-    else:
-        settings = list(overrides or ())
-        for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
-            if value is not None:
-                settings.append(f"recipe.{key}={value}")
-        config = load_preset(preset, model=model, overrides=settings)
-
+    config = _train_config(ctx, resume, out)
     if (nproc > 1 or nnodes > 1) and not in_torchrun():
-        # Every worker must write to the same run directory: choose it here, once.
-        target = None if config is None else out or default_run_dir(config.name, config.model.kind.value)
-        args = _worker_args(ctx, target)
-        launch(args, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        _launch(ctx, config, out)
         return
-
     options = TrainOptions(
         out=out,
         resume=resume,
         data=data,
         device=device,
-        precision=Precision(precision.value),
+        precision=precision,
         channels_last=channels_last,
         compile=compile_model,
         workers=workers,
         threads=threads,
         sync_bn=sync_bn,
-        on_corrupt=OnCorrupt(on_corrupt.value),
+        on_corrupt=on_corrupt,
     )
-    reporter = RichReporter(console) if console.is_terminal else PlainReporter(console)
-    summary = train(config, options, reporter=reporter)
+    summary = train(config, options, reporter=reporter_for(render.console))
     if is_main_process():
-        _render_summary(summary)
+        render.run_summary(summary)
 
 
 @app.command("eval")
 def eval_command(
-    target: Annotated[Path, typer.Argument(help="A run directory (its best.pt) or a checkpoint file.")],
-    ema: Annotated[
-        bool, typer.Option("--ema/--no-ema", help="Use the EMA weights when the checkpoint has them.")
-    ] = True,
+    target: EvalTargetArg,
+    ema: EmaOpt = True,
     data: DataOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Batch size (default: the run's).")
-    ] = None,
+    batch_size: EvalBatchSizeOpt = None,
     workers: WorkersOpt = None,
-    on_corrupt: CorruptOpt = CorruptChoice.fail,
+    on_corrupt: CorruptOpt = OnCorrupt.FAIL,
 ) -> None:
     """Evaluate a checkpoint on its validation split: top-1, top-5, loss, images/s; writes eval.json."""
-    from gsa_cli.cli.progress import PlainReporter, RichReporter
-    from gsa_cli.data import OnCorrupt
+    from gsa_cli.cli.progress import reporter_for
     from gsa_cli.train.evaluate import EvalOptions, evaluate_checkpoint
 
     options = EvalOptions(
-        data=data,
+        data=data, device=device, ema=ema, batch_size=batch_size, workers=workers, on_corrupt=on_corrupt
+    )
+    render.eval_report(evaluate_checkpoint(target, options, reporter=reporter_for(render.console)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# gsa profile and gsa compare.
+
+
+def _profile_settings(
+    device: str,
+    precision: Precision,
+    batch_size: str | None,
+    img_size: str | None,
+    mode: Mode,
+    channels_last: bool,
+    compile: bool,
+    warmup: int | None,
+    iters: int | None,
+    counter: MacCounter,
+) -> ProfileSettings:
+    """The settings of ``gsa profile`` and of ``gsa compare`` on model kinds, from their options."""
+    from gsa_cli.bench.profile import ProfileSettings
+
+    return ProfileSettings(
         device=device,
-        ema=ema,
-        batch_size=batch_size,
-        workers=workers,
-        on_corrupt=OnCorrupt(on_corrupt.value),
+        precision=precision,
+        batch_sizes=parse_sizes(batch_size, "--batch-size"),
+        img_sizes=parse_sizes(img_size, "--img-size"),
+        mode=mode,
+        channels_last=channels_last,
+        compile=compile,
+        warmup=warmup,
+        iters=iters,
+        counter=counter,
     )
-    reporter = RichReporter(console) if console.is_terminal else PlainReporter(console)
-    _render_eval(evaluate_checkpoint(target, options, reporter=reporter))
-
-
-def _render_eval(report: EvalReport) -> None:
-    table = Table(title=f"{report.checkpoint} (epoch {report.epoch}, {report.weights} weights)")
-    for column in ("top-1", "top-5", "loss", "images", "images/s", "recorded top-1"):
-        table.add_column(column, justify="right")
-    recorded = "-" if report.recorded_top1 is None else f"{report.recorded_top1:.2f}%"
-    table.add_row(
-        f"{report.top1:.2f}%",
-        f"{report.top5:.2f}%",
-        f"{report.loss:.4f}",
-        f"{report.images:,}",
-        f"{report.images_per_s:,.0f}",
-        recorded,
-    )
-    console.print(table)
-    console.print(f"{report.device}, {report.precision}, batch {report.batch_size}", highlight=False)
 
 
 @app.command("profile")
@@ -432,7 +327,7 @@ def profile_command(
     img_size: ImgSizesOpt = None,
     mode: ModeOpt = Mode.BOTH,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = PrecisionChoice.fp32,
+    precision: PrecisionOpt = Precision.FP32,
     channels_last: ChannelsLastOpt = False,
     compile: CompileOpt = False,
     warmup: WarmupOpt = None,
@@ -441,61 +336,28 @@ def profile_command(
     out: OutOpt = None,
     overrides: SetOpt = None,
     counter: CounterOpt = MacCounter.FVCORE,
-    detail: Annotated[
-        bool, typer.Option("--detail", help="Also break the MACs down by module and operator.")
-    ] = False,
+    detail: DetailOpt = False,
 ) -> None:
     """Parameters, multiply-adds, throughput and peak memory of a model on this machine.
 
     One row per image size and batch size. MACs count a multiply-add once (fvcore's convention),
     at batch 1 in eval mode. Throughput is the median over the timed iterations.
     """
-    from gsa_cli.bench.profile import (
-        module_frame,
-        operator_frame,
-        profile,
-        rows_frame,
-        summary_frame,
-    )
+    from gsa_cli.bench.profile import profile
     from gsa_cli.presets import load_preset
-    from gsa_cli.report import tables
+    from gsa_cli.report.tables import format_for_path
 
     config = load_preset(preset, model=model, overrides=overrides or ())
     settings = _profile_settings(
         device, precision, batch_size, img_size, mode, channels_last, compile, warmup, iters, counter
     )
     if out is not None:
-        tables.format_for_path(out)  # refuse a bad suffix before measuring
-    with error_console.status("profiling") as status:
+        format_for_path(out)  # refuse a bad suffix before measuring
+    with render.error_console.status("profiling") as status:
         result = profile(config, settings, progress=status.update)
-    frame = rows_frame(result.rows)
-    summary, caption = summary_frame(frame)
-    if out is not None:
-        as_file = tables.format_for_path(out)
-        tables.write(summary if as_file is OutputFormat.MD else frame, out, caption=caption)
-        error_console.print(f"wrote {out}")
-    if fmt is OutputFormat.TABLE:
-        table = tables.rich_table(summary, title=f"gsa profile: {config.name}", caption=caption)
-        # A terminal wraps the table to its width; a pipe or a log file gets it whole.
-        (console if console.is_terminal else Console(width=250)).print(table)
-    elif fmt is OutputFormat.MD:
-        sys.stdout.write(tables.to_text(summary, fmt, caption=caption))
-    else:
-        sys.stdout.write(tables.to_text(frame, fmt))
+    render.profile(result, preset=config.name, fmt=fmt, out=out)
     if detail:
-        for size, count in result.counts.items():
-            title = f"{config.model.kind.value} at {size} px, batch 1 ({count.counter.value})"
-            modules = module_frame(count, result.module_params[size])
-            operators = operator_frame(count)
-            if fmt is OutputFormat.TABLE:
-                console.print(tables.rich_table(modules, title=f"MACs by module: {title}"))
-                console.print(tables.rich_table(operators, title=f"Counts by operator: {title}"))
-            elif fmt is OutputFormat.MD:
-                sys.stdout.write(f"\n### MACs by module: {title}\n\n" + tables.markdown(modules))
-                sys.stdout.write(f"\n### Counts by operator: {title}\n\n" + tables.markdown(operators))
-            else:
-                error_console.print("--detail shows with --format table or md")
-                break
+        render.profile_detail(result, kind=config.model.kind.value, fmt=fmt)
 
 
 # Options of `gsa compare` that only apply to model kinds, or only to run directories.
@@ -506,94 +368,86 @@ _KIND_ONLY = (
 _RUN_ONLY = ("by", "accuracy")
 
 
-def _flags(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
-    return ["--" + name.replace("_", "-").replace("overrides", "set") for name in names if _given(ctx, name)]
+def _kind_configs(kinds: tuple[str, ...], preset: str, overrides: list[str] | None) -> list[Config]:
+    """One config of the preset per model kind named."""
+    from gsa_cli.presets import load_preset
+
+    if any(text.partition("=")[0].strip() == "model.kind" for text in overrides or ()):
+        raise ConfigError("--set model.kind: name the model kinds as arguments instead (conv vs gsa)")
+    return [load_preset(preset, model=kind, overrides=overrides or ()) for kind in kinds]
+
+
+def _compare_kinds(configs: list[Config], settings: ProfileSettings) -> Comparison:
+    """Profile each kind's config in turn and set the rows side by side."""
+    from gsa_cli.bench.profile import profile_kinds
+    from gsa_cli.report.compare import compare_kinds
+
+    with render.error_console.status("profiling") as status:
+        rows = profile_kinds(configs, settings, progress=status.update)
+    return compare_kinds(rows, preset=configs[0].name, description=configs[0].description)
+
+
+def count_run_gmacs(record: RunRecord) -> float | None:
+    """The GMACs of a run whose ``summary.json`` predates them, counted from its ``config.yaml``.
+
+    What ``gsa compare`` passes to :func:`gsa_cli.report.compare.compare_runs`: it builds the model, so
+    it imports torch, and only runs that lack the number call it.
+    """
+    from gsa_cli.bench.macs import count_gmacs
+    from gsa_cli.models import build_model
+    from gsa_cli.presets import load_preset
+    from gsa_cli.results import CONFIG_FILE
+
+    config = load_preset(record.path / CONFIG_FILE, model=None)
+    return count_gmacs(build_model(config), img_size=config.data.img_size, channels=config.data.channels)
 
 
 @app.command("compare")
 def compare_command(
     ctx: typer.Context,
-    targets: Annotated[
-        list[str],
-        typer.Argument(
-            help="Model kinds (conv vs gsa; the word vs is optional) or run directories (globs too).",
-            metavar="KIND|RUN_DIR",
-            show_default=False,
-        ),
-    ],
+    targets: CompareTargetsArg,
     preset: PresetOpt = "imagenet50",
     batch_size: BatchSizesOpt = None,
     img_size: ImgSizesOpt = None,
     mode: ModeOpt = Mode.BOTH,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = PrecisionChoice.fp32,
+    precision: PrecisionOpt = Precision.FP32,
     channels_last: ChannelsLastOpt = False,
     compile: CompileOpt = False,
     warmup: WarmupOpt = None,
     iters: ItersOpt = None,
     overrides: SetOpt = None,
     counter: CounterOpt = MacCounter.FVCORE,
-    by: Annotated[
-        str | None,
-        typer.Option(
-            "--by", help="Runs: also tabulate and plot top-1 against this config key, e.g. data.distance."
-        ),
-    ] = None,
-    accuracy: Annotated[
-        Accuracy,
-        typer.Option(
-            "--accuracy", help="Runs: which top-1 the plots and --by use (best or final epoch, or eval.json)."
-        ),
-    ] = Accuracy.BEST,
+    by: ByOpt = None,
+    accuracy: AccuracyOpt = Accuracy.BEST,
     fmt: FormatOpt = OutputFormat.TABLE,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Write compare.csv, compare.json, compare.md and PNG plots to DIR."),
-    ] = None,
+    out: ReportDirOpt = None,
 ) -> None:
     """Model kinds profiled side by side, or finished runs with their accuracy; ratios to the first.
 
     `gsa compare conv vs gsa` profiles each kind of a preset under the same settings, one after
     another. `gsa compare RUN_DIR...` reads runs written by `gsa train`.
     """
-    from gsa_cli.report import tables
-    from gsa_cli.report.compare import compare_kinds, compare_runs, split_inputs
-    from gsa_cli.report.files import write_report
+    from gsa_cli.report.compare import compare_runs
 
     inputs = split_inputs(targets)
     if inputs.kinds:
         if misplaced := _flags(ctx, _RUN_ONLY):
             raise ConfigError(f"{', '.join(misplaced)}: for run directories, not model kinds")
-        from gsa_cli.presets import load_preset
-
-        if any(text.partition("=")[0].strip() == "model.kind" for text in overrides or ()):
-            raise ConfigError("--set model.kind: name the model kinds as arguments instead (conv vs gsa)")
-        configs = [load_preset(preset, model=kind, overrides=overrides or ()) for kind in inputs.kinds]
+        configs = _kind_configs(inputs.kinds, preset, overrides)
         settings = _profile_settings(
             device, precision, batch_size, img_size, mode, channels_last, compile, warmup, iters, counter
         )
-        with error_console.status("profiling") as status:
-            comparison = compare_kinds(configs, settings, progress=status.update)
+        comparison = _compare_kinds(configs, settings)
     else:
         if misplaced := _flags(ctx, _KIND_ONLY):
             raise ConfigError(f"{', '.join(misplaced)}: for model kinds, not run directories")
-        comparison = compare_runs(inputs.runs, by=by, accuracy=accuracy)
+        comparison = compare_runs(inputs.runs, by=by, accuracy=accuracy, count_gmacs=count_run_gmacs)
+    render.comparison(comparison, fmt=fmt, out=out)
 
-    if out is not None:
-        written = write_report(comparison, out)
-        error_console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)
-    if fmt is OutputFormat.TABLE:
-        # A terminal wraps the tables to its width; a pipe or a log file gets them whole (ratios make
-        # the table of kinds wide).
-        screen = console if console.is_terminal else Console(width=400)
-        for number, view in enumerate(comparison.views):
-            title = comparison.title if number == 0 else view.heading
-            screen.print(tables.rich_table(view.frame, title=title, caption=view.caption or None))
-    elif fmt is OutputFormat.MD:
-        for view in comparison.views:
-            sys.stdout.write(f"\n### {view.heading}\n\n" + tables.markdown(view.frame, caption=view.caption))
-    else:
-        sys.stdout.write(tables.to_text(comparison.frame, fmt))
+
+# ---------------------------------------------------------------------------------------------------
+# Warnings and the entry point.
 
 
 def _show_warning(
@@ -606,7 +460,9 @@ def _show_warning(
 ) -> None:
     """Our own warnings (a renamed preset key) as one yellow line; any other as Python shows it."""
     if issubclass(category, DeprecatedKeyWarning):
-        error_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        render.error_console.print(
+            f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
+        )
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 

@@ -96,3 +96,8 @@ class PlainReporter:
 
     def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None:
         self.console.print(epoch_line(row, epochs, best), highlight=False, soft_wrap=True)
+
+
+def reporter_for(console: Console) -> RichReporter | PlainReporter:
+    """A progress bar on a terminal, log lines elsewhere (a pipe, a log file, a batch job)."""
+    return RichReporter(console) if console.is_terminal else PlainReporter(console)

@@ -1,43 +1,41 @@
 """Side by side: model kinds profiled under identical settings, or finished runs read back.
 
-``gsa compare conv vs gsa`` profiles each kind (:func:`compare_kinds`, through
-:func:`gsa_cli.bench.profile.profile`, one kind after another in this process) and ``gsa compare RUN_DIR ...``
-reads run directories (:func:`compare_runs`). Both give a :class:`Comparison`: a frame with every
-column (for ``compare.csv`` and ``compare.json``), readable tables with each row's ratio to the first
-kind or run, and what the plots need; :func:`gsa_cli.report.files.write_report` writes the files.
+``gsa compare conv vs gsa`` profiles each kind (:func:`gsa_cli.bench.profile.profile_kinds`, one kind
+after another in one process) and :func:`compare_kinds` sets the rows side by side; ``gsa compare
+RUN_DIR ...`` reads run directories (:func:`compare_runs`). Both give a :class:`Comparison`: a frame with
+every column (for ``compare.csv`` and ``compare.json``), readable tables with each row's ratio to the
+first kind or run, and what the plots need; :func:`gsa_cli.report.files.write_report` writes the files.
 
-Nothing here imports torch at module level: comparing existing runs starts fast. Profiling imports it
-when called, and so does counting a run's multiply-adds when its ``summary.json`` does not record them.
+Nothing here imports torch: comparing existing runs starts fast. A run written before ``summary.json``
+recorded its multiply-adds has them counted by a callable the caller passes (the CLI's builds the model,
+which imports torch, only for such a run).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from gsa_cli.choices import Accuracy
-from gsa_cli.config import ModelKind
 from gsa_cli.errors import ConfigError
 from gsa_cli.report import tables
+from gsa_cli.report.profile import latency_text, rows_frame
 from gsa_cli.results import CONFIG_FILE, RunRecord, read_run
 
-if TYPE_CHECKING:
-    from gsa_cli.bench.profile import ProfileSettings
-    from gsa_cli.config import Config
+# Counts the GMACs of a run whose summary.json lacks them (None where it cannot).
+GmacsCounter = Callable[[RunRecord], float | None]
 
-KINDS = tuple(kind.value for kind in ModelKind)
-VS = "vs"  # `gsa compare conv vs gsa`: sugar, dropped
 # Where a run's GMACs come from (the table's caption says it).
 GMACS_FROM_SUMMARY = "summary.json"
 GMACS_COUNTED = "counted now from config.yaml (fvcore)"  # a summary.json written before it had them
 GMACS_NOT_COUNTED = "not counted (gsa train could not)"  # summary.json holds null
+GMACS_UNCOUNTABLE = "not counted (neither in summary.json nor countable now)"  # an older run, no count
 
 
 @dataclass(frozen=True)
@@ -73,58 +71,6 @@ class Comparison:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     by: tuple[str, pd.DataFrame] | None = None
     accuracy: Accuracy = Accuracy.BEST
-
-
-# ---------------------------------------------------------------------------------------------------
-# What the arguments name.
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """Model kinds or run directories (never both)."""
-
-    kinds: tuple[str, ...] = ()
-    runs: tuple[Path, ...] = ()
-
-
-def split_inputs(words: Sequence[str]) -> Inputs:
-    """Sort ``gsa compare``'s arguments into model kinds or run directories (globs expanded).
-
-    A bare kind name (``gsa``, ``conv``, ``full``) is a kind; write ``./gsa`` for a folder of that name.
-
-    Raises:
-        ConfigError: for no inputs, a mix of kinds and directories, a repeat, a glob matching no
-            folder, or a word that is neither a kind nor an existing path.
-    """
-    words = [word for word in words if word.lower() != VS]
-    if not words:
-        raise ConfigError("nothing to compare: name model kinds (conv vs gsa) or run directories")
-    kinds: list[str] = []
-    runs: list[Path] = []
-    for word in words:
-        if word in KINDS:
-            kinds.append(word)
-        elif any(char in word for char in "*?["):
-            matches = [Path(match) for match in sorted(glob.glob(word)) if Path(match).is_dir()]
-            if not matches:
-                raise ConfigError(f"{word}: matches no run directory")
-            runs += matches
-        elif Path(word).exists():
-            runs.append(Path(word))
-        else:
-            raise ConfigError(
-                f"{word}: neither a model kind ({', '.join(KINDS)}) nor an existing run directory"
-            )
-    if kinds and runs:
-        raise ConfigError(
-            f"compare model kinds or run directories, not both: got {', '.join(kinds)} "
-            f"and {', '.join(map(str, runs))}"
-        )
-    for name, items in (("model kind", kinds), ("run directory", [str(run) for run in runs])):
-        repeated = sorted({item for item in items if items.count(item) > 1})
-        if repeated:
-            raise ConfigError(f"{name} {', '.join(repeated)} named more than once")
-    return Inputs(tuple(kinds), tuple(runs))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,15 +129,6 @@ SCALING_HEADERS = {
 }
 
 
-def _latency(frame: pd.DataFrame, mode: str) -> list[str | None]:
-    """``median (IQR)`` of a mode's latency per batch, as ``gsa profile`` shows it."""
-    pairs = zip(frame[f"{mode}_ms"], frame[f"{mode}_ms_iqr"], strict=True)
-    return [
-        None if pd.isna(ms) else f"{tables.format_value(ms)} ({tables.format_value(iqr)})"
-        for ms, iqr in pairs
-    ]
-
-
 def _with_kind_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     """Add ``{column}_ratio``: each row over the first kind's row at the same image size and batch."""
     first = frame["model"].iloc[0]
@@ -224,30 +161,20 @@ def _scaling(frame: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def compare_kinds(
-    configs: Sequence[Config], settings: ProfileSettings, *, progress: Callable[[str], None] | None = None
-) -> Comparison:
-    """Profile each config (one per model kind) under the same settings, one after another.
+def compare_kinds(rows: Sequence[Any], *, preset: str, description: str) -> Comparison:
+    """Set profile rows of several model kinds side by side, with ratios to the first kind.
 
     Args:
-        configs: Resolved configs differing in ``model.kind``; the first is the reference of the ratios.
-        settings: What to measure and how (:class:`gsa_cli.bench.profile.ProfileSettings`).
-        progress: Called with a short line before each measurement.
-
-    Raises:
-        ConfigError: for impossible settings or a device that is not here.
-        GsaError: when a model cannot be counted or compiled.
+        rows: :class:`gsa_cli.bench.profile.ProfileRow` s of each kind, measured under the same settings
+            (:func:`gsa_cli.bench.profile.profile_kinds`); the first row's kind is the reference.
+        preset: The preset's name, for the title.
+        description: The preset's description, for the settings.
     """
-    from gsa_cli.bench.profile import profile, rows_frame
-
-    rows = []
-    for config in configs:
-        rows += profile(config, settings, progress=progress).rows
     frame = _with_kind_ratios(rows_frame(rows))
     first = str(frame["model"].iloc[0])
     headers = dict(KIND_HEADERS)
     headers.update({f"{column}_ratio": f"{KIND_HEADERS[column]} / {first}" for column in RATIO_COLUMNS})
-    shown = frame.assign(**{f"{mode}_latency": _latency(frame, mode) for mode in ("infer", "train")})
+    shown = frame.assign(**{f"{mode}_latency": latency_text(frame, mode) for mode in ("infer", "train")})
     shown = shown.dropna(axis="columns", how="all")
     shown, caption = _lift(shown, KIND_CONTEXT + KIND_CONTEXT_MORE)
     views = [TableView("Side by side", tables.view(shown, headers), caption, caption_in_report=False)]
@@ -261,13 +188,12 @@ def compare_kinds(
             "1 = linear in the pixel count, 2 = quadratic"
         )
         views.append(TableView("Scaling with resolution", view, note))
-    config = configs[0]
     kinds = " vs ".join(str(kind) for kind in dict.fromkeys(frame["model"]))
     context = frame.iloc[0]
     sizes = ", ".join(str(size) for size in dict.fromkeys(frame["img_size"]))
     batches = ", ".join(str(batch) for batch in dict.fromkeys(frame["batch"]))
     lines = [
-        f"preset: {config.name} ({config.description})",
+        f"preset: {preset} ({description})",
         f"models: {kinds}, profiled one after another in one process",
         f"image sizes: {sizes} px · batch sizes: {batches}",
         f"device: {context['device']} · torch: {context['torch']} · precision: {context['precision']} · "
@@ -277,7 +203,7 @@ def compare_kinds(
         f"peak memory: {context['memory']}",
         f"ratios: each row over the {first} row at the same image size and batch",
     ]
-    return Comparison(f"gsa compare: {kinds} ({config.name})", lines, frame, views, scaling=scaling)
+    return Comparison(f"gsa compare: {kinds} ({preset})", lines, frame, views, scaling=scaling)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,21 +224,11 @@ def config_value(record: RunRecord, key: str) -> Any:
     return node
 
 
-def _count_gmacs(record: RunRecord) -> float | None:
-    """Multiply-adds of one image for the run's config, in G, counted now (imports torch)."""
-    from gsa_cli import build_model
-    from gsa_cli.bench.macs import count_macs
-    from gsa_cli.presets import load_preset
-
-    config = load_preset(record.path / CONFIG_FILE, model=None)
-    count = count_macs(build_model(config), img_size=config.data.img_size, channels=config.data.channels)
-    return count.total / 1e9
-
-
-def _gmacs(record: RunRecord) -> tuple[float | None, str]:
+def _gmacs(record: RunRecord, count_gmacs: GmacsCounter | None) -> tuple[float | None, str]:
     """The run's GMACs and where they come from: its summary, or counted now for an older run."""
     if "gmacs" not in record.summary:
-        return _count_gmacs(record), GMACS_COUNTED
+        counted = None if count_gmacs is None else count_gmacs(record)
+        return counted, GMACS_UNCOUNTABLE if counted is None else GMACS_COUNTED
     value = record.summary["gmacs"]
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value), GMACS_FROM_SUMMARY
@@ -325,10 +241,10 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths, strict=True)]
 
 
-def _run_row(label: str, record: RunRecord) -> dict[str, Any]:
+def _run_row(label: str, record: RunRecord, count_gmacs: GmacsCounter | None) -> dict[str, Any]:
     summary = record.summary
     evaluation = record.evaluation or {}
-    gmacs, source = _gmacs(record)
+    gmacs, source = _gmacs(record, count_gmacs)
     return {
         "run": label,
         "path": str(record.path),
@@ -404,7 +320,11 @@ def _axis_value(value: Any) -> tuple[str, float | None]:
 
 
 def compare_runs(
-    paths: Sequence[Path], *, by: str | None = None, accuracy: Accuracy = Accuracy.BEST
+    paths: Sequence[Path],
+    *,
+    by: str | None = None,
+    accuracy: Accuracy = Accuracy.BEST,
+    count_gmacs: GmacsCounter | None = None,
 ) -> Comparison:
     """Read finished runs and set them side by side, with ratios against the first.
 
@@ -412,6 +332,8 @@ def compare_runs(
         paths: Run directories written by ``gsa train``; the first is the reference.
         by: A dotted config key (``data.distance``): also tabulate top-1 against its value per model.
         accuracy: Which top-1 the plots and the ``by`` table use.
+        count_gmacs: Counts the GMACs of a run whose ``summary.json`` predates them; called for such
+            runs only. Without it, or where it gives None, their GMACs stay empty and the caption says so.
 
     Raises:
         ConfigError: for a path that is not a folder, or a ``by`` key a run's config lacks.
@@ -419,7 +341,8 @@ def compare_runs(
     """
     records = [read_run(path) for path in paths]
     labels = _labels(paths)
-    frame = pd.DataFrame([_run_row(label, record) for label, record in zip(labels, records, strict=True)])
+    rows = [_run_row(label, record, count_gmacs) for label, record in zip(labels, records, strict=True)]
+    frame = pd.DataFrame(rows)
     if by is not None:
         values = [_axis_value(config_value(record, by)) for record in records]
         frame.insert(3, "by_value", [label for label, _ in values])

@@ -1,0 +1,235 @@
+"""Every option and argument of the ``gsa`` commands, declared once as an ``Annotated`` alias, and the
+parsers of the text they take (comma-separated sizes, ``gsa compare``'s kinds or run directories).
+
+Where two commands word an option differently (``--precision`` of a training run mentions the gradient
+scaler, that of a profile the fp32 weights), each wording is its own alias. The enums come from
+:mod:`gsa_cli.choices`. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gsa_cli.choices import Accuracy, MacCounter, Mode, OnCorrupt, OutputFormat, Precision
+from gsa_cli.config import ModelKind
+from gsa_cli.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------
+# Shared by several commands.
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+PresetArg = Annotated[str, typer.Argument(help="A preset name (see `gsa presets`) or a path to a YAML file.")]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", "-p", help="A preset name (see `gsa presets`) or a path to a YAML file.")
+]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model kind: gsa (GSA-ResNet), conv (its ResNet twin) or full (dense global attention).",
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a preset value, e.g. --set model.heads=4 (repeatable)."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", envvar="GSA_DATA", help="Data folder (ImageFolder or cifar-100-python); env GSA_DATA."
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", help="Loader processes per rank (default: 0 for in-memory data, else up to 8)."
+    ),
+]
+CorruptOpt = Annotated[
+    OnCorrupt,
+    typer.Option("--on-corrupt", help="An unreadable image file: fail naming it, or skip it with a warning."),
+]
+
+# ---------------------------------------------------------------------------------------------------
+# gsa train.
+
+TrainPresetOpt = Annotated[
+    str, typer.Option("--preset", "-p", help="A preset name (see `gsa presets`) or a YAML file.")
+]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="Override recipe.epochs.")]
+TrainBatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Override recipe.batch_size (per process).")
+]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Override recipe.lr.")]
+RunDirOpt = Annotated[
+    Path | None, typer.Option("--out", help="Run directory (default: runs/PRESET-MODEL-TIMESTAMP).")
+]
+ResumeOpt = Annotated[
+    Path | None, typer.Option("--resume", help="Continue the run in this directory from its last.pt.")
+]
+TrainPrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", help="fp32, or bf16/fp16 autocast (fp16 with a scaler).")
+]
+TrainChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Channels-last memory layout.")]
+TrainCompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads for torch (default: one per core).")
+]
+SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes.")]
+NprocOpt = Annotated[
+    int, typer.Option("--nproc", help="Processes per node; above 1, launches DDP workers via torchrun.")
+]
+NnodesOpt = Annotated[int, typer.Option("--nnodes", help="Nodes of a multi-node job.")]
+NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This node's rank (multi-node).")]
+RdzvEndpointOpt = Annotated[
+    str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the nodes meet (multi-node).")
+]
+
+# ---------------------------------------------------------------------------------------------------
+# gsa eval.
+
+EvalTargetArg = Annotated[Path, typer.Argument(help="A run directory (its best.pt) or a checkpoint file.")]
+EmaOpt = Annotated[
+    bool, typer.Option("--ema/--no-ema", help="Use the EMA weights when the checkpoint has them.")
+]
+EvalBatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Batch size (default: the run's).")
+]
+
+# ---------------------------------------------------------------------------------------------------
+# gsa profile and gsa compare of model kinds.
+
+PrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", help="fp32, or bf16/fp16 autocast with fp32 weights.")
+]
+BatchSizesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--batch-size", "-b", help="Batch sizes, comma-separated (default: 64 on a GPU, 4 on the CPU)."
+    ),
+]
+ImgSizesOpt = Annotated[
+    str | None,
+    typer.Option("--img-size", help="Image sizes in pixels, comma-separated (default: the preset's)."),
+]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="Time a torch.compile'd model.")]
+ModeOpt = Annotated[Mode, typer.Option("--mode", help="Time inference, a training step, or both.")]
+WarmupOpt = Annotated[
+    int | None, typer.Option("--warmup", help="Untimed iterations (default: 10 on a GPU, 2 on the CPU).")
+]
+ItersOpt = Annotated[
+    int | None, typer.Option("--iters", help="Timed iterations (default: 40 on a GPU, 5 on the CPU).")
+]
+CounterOpt = Annotated[
+    MacCounter,
+    typer.Option("--counter", help="Who counts the multiply-adds: fvcore or torch (FlopCounterMode)."),
+]
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="How to print the results.")]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Also write the results to FILE (.csv, .json or .md).")
+]
+DetailOpt = Annotated[bool, typer.Option("--detail", help="Also break the MACs down by module and operator.")]
+
+# ---------------------------------------------------------------------------------------------------
+# gsa compare.
+
+CompareTargetsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Model kinds (conv vs gsa; the word vs is optional) or run directories (globs too).",
+        metavar="KIND|RUN_DIR",
+        show_default=False,
+    ),
+]
+ByOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--by", help="Runs: also tabulate and plot top-1 against this config key, e.g. data.distance."
+    ),
+]
+AccuracyOpt = Annotated[
+    Accuracy,
+    typer.Option(
+        "--accuracy", help="Runs: which top-1 the plots and --by use (best or final epoch, or eval.json)."
+    ),
+]
+ReportDirOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Write compare.csv, compare.json, compare.md and PNG plots to DIR."),
+]
+
+# ---------------------------------------------------------------------------------------------------
+# What the options' text says.
+
+
+def parse_sizes(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``"32,64,128"`` as ``(32, 64, 128)``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"{option} {text}: expected whole numbers separated by commas, e.g. 32,64"
+        ) from None
+
+
+KINDS = tuple(kind.value for kind in ModelKind)
+VS = "vs"  # `gsa compare conv vs gsa`: sugar, dropped
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Model kinds or run directories (never both)."""
+
+    kinds: tuple[str, ...] = ()
+    runs: tuple[Path, ...] = ()
+
+
+def split_inputs(words: Sequence[str]) -> Inputs:
+    """Sort ``gsa compare``'s arguments into model kinds or run directories (globs expanded).
+
+    A bare kind name (``gsa``, ``conv``, ``full``) is a kind; write ``./gsa`` for a folder of that name.
+
+    Raises:
+        ConfigError: for no inputs, a mix of kinds and directories, a repeat, a glob matching no
+            folder, or a word that is neither a kind nor an existing path.
+    """
+    words = [word for word in words if word.lower() != VS]
+    if not words:
+        raise ConfigError("nothing to compare: name model kinds (conv vs gsa) or run directories")
+    kinds: list[str] = []
+    runs: list[Path] = []
+    for word in words:
+        if word in KINDS:
+            kinds.append(word)
+        elif any(char in word for char in "*?["):
+            matches = [Path(match) for match in sorted(glob.glob(word)) if Path(match).is_dir()]
+            if not matches:
+                raise ConfigError(f"{word}: matches no run directory")
+            runs += matches
+        elif Path(word).exists():
+            runs.append(Path(word))
+        else:
+            raise ConfigError(
+                f"{word}: neither a model kind ({', '.join(KINDS)}) nor an existing run directory"
+            )
+    if kinds and runs:
+        raise ConfigError(
+            f"compare model kinds or run directories, not both: got {', '.join(kinds)} "
+            f"and {', '.join(map(str, runs))}"
+        )
+    for name, items in (("model kind", kinds), ("run directory", [str(run) for run in runs])):
+        repeated = sorted({item for item in items if items.count(item) > 1})
+        if repeated:
+            raise ConfigError(f"{name} {', '.join(repeated)} named more than once")
+    return Inputs(tuple(kinds), tuple(runs))
