@@ -13,7 +13,7 @@ A run directory holds everything one ``gsa train`` produced::
 
 Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
 crash leaves either the previous version or the new one, never half a file. Checkpoints themselves
-are torch files and are written by :mod:`gsa_cli.train.loop` through :func:`atomic_path`.
+are torch files and are written by :mod:`gsa_cli.train.checkpoint` through :func:`atomic_path`.
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from gsa_cli.data import Batch
 from gsa_cli.errors import ConfigError
 from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir
 from gsa_cli.runtime import Precision
+from gsa_cli.train.checkpoint import Checkpoint, TrainedWith
 from gsa_cli.train.evaluate import EvalOptions, evaluate_checkpoint
-from gsa_cli.train.loop import TrainingStoppedError, load_checkpoint, recalibrate_batch_norm
+from gsa_cli.train.loop import TrainingStoppedError, recalibrate_batch_norm
 from gsa_cli.train.run import TrainOptions, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,8 +141,9 @@ def test_one_epoch_on_a_cifar100_folder(tmp_path: Path) -> None:
     assert summary.status == "finished"
     assert summary.epochs_done == 1
     assert len(RunDir(tmp_path / "run").read_metrics()) == 1
-    payload = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert payload["step"] == 40 // 16  # 40 training images, full batches of 16
+    assert (
+        Checkpoint.load(tmp_path / "run" / "last.pt").step == 40 // 16
+    )  # 40 training images, full batches of 16
 
 
 @pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP16])
@@ -164,9 +166,9 @@ def test_every_recipe_option_at_once_trains_and_evaluates(tmp_path: Path, precis
     assert summary.channels_last
     row = RunDir(out).read_metrics()[0]
     assert math.isfinite(row.train_loss)
-    payload = load_checkpoint(out / "last.pt")
-    assert payload["options"] == {"precision": precision.value, "channels_last": True}
-    assert bool(payload["scaler"]) == (precision is Precision.FP16)  # a gradient scaler for fp16 only
+    checkpoint = Checkpoint.load(out / "last.pt")
+    assert checkpoint.options == TrainedWith(precision=precision, channels_last=True)
+    assert bool(checkpoint.scaler) == (precision is Precision.FP16)  # a gradient scaler for fp16 only
     report = evaluate_checkpoint(out, EvalOptions(device="cpu"), reporter=Quiet())
     assert report.precision == precision.value
     assert report.top1 == row.val_top1 == report.recorded_top1
@@ -203,11 +205,11 @@ def test_a_run_stopped_after_an_epoch_resumes_to_the_same_metrics(tmp_path: Path
     assert [r.epoch for r in second] == [1, 2, 3]
     assert without_timing(second) == without_timing(first)
     assert (resumed.best_top1, resumed.final_top1) == (whole.best_top1, whole.final_top1)
-    a = load_checkpoint(tmp_path / "whole" / "last.pt")
-    b = load_checkpoint(tmp_path / "parts" / "last.pt")
-    assert a["step"] == b["step"] == 3 * 4
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    a = Checkpoint.load(tmp_path / "whole" / "last.pt")
+    b = Checkpoint.load(tmp_path / "parts" / "last.pt")
+    assert a.step == b.step == 3 * 4
+    for key, value in a.model.items():
+        assert torch.equal(value, b.model[key]), key
 
 
 def test_a_run_stopped_part_way_through_an_epoch_resumes_there(tmp_path: Path) -> None:
@@ -220,15 +222,16 @@ def test_a_run_stopped_part_way_through_an_epoch_resumes_there(tmp_path: Path) -
     with pytest.raises(TrainingStoppedError, match="stopped by SIGTERM at epoch 2") as stopped:
         train(config, cpu(tmp_path / "run"), reporter=Quiet(at_update=interrupt))
     assert stopped.value.exit_code == 128 + signal.SIGTERM
-    payload = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert (payload["epoch"], payload["batches_done"], payload["step"]) == (1, 1, 5)
-    assert payload["partial"]["count"] == 16.0  # the one batch of epoch 2 already trained on
+    checkpoint = Checkpoint.load(tmp_path / "run" / "last.pt")
+    assert (checkpoint.epoch, checkpoint.batches_done, checkpoint.step) == (1, 1, 5)
+    assert checkpoint.partial is not None
+    assert checkpoint.partial.count == 16.0  # the one batch of epoch 2 already trained on
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
 
     summary = train(None, TrainOptions(resume=tmp_path / "run", device="cpu"), reporter=Quiet())
     assert summary.status == "finished"
     assert [r.epoch for r in RunDir(tmp_path / "run").read_metrics()] == [1, 2]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 8  # 4 updates per epoch, none twice
+    assert Checkpoint.load(tmp_path / "run" / "last.pt").step == 8  # 4 updates per epoch, none twice
 
 
 def test_a_run_killed_between_checkpoints_resumes(tmp_path: Path) -> None:
@@ -246,12 +249,12 @@ def test_a_run_killed_between_checkpoints_resumes(tmp_path: Path) -> None:
         process.kill()  # SIGKILL: no handler runs, whatever was being written is abandoned
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    done = load_checkpoint(out / "last.pt")["epoch"]
+    done = Checkpoint.load(out / "last.pt").epoch
     assert done >= 1
     summary = train(None, TrainOptions(resume=out, device="cpu"), reporter=Quiet())
     assert summary.status == "finished"
     assert [r.epoch for r in RunDir(out).read_metrics()] == list(range(1, 31))
-    assert load_checkpoint(out / "last.pt")["step"] == 30 * 4
+    assert Checkpoint.load(out / "last.pt").step == 30 * 4
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
@@ -271,9 +274,9 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     message = r"loss is no longer finite at epoch 2.*last good checkpoint"
     with pytest.raises(TrainingStoppedError, match=message):
         train(smoke(2), cpu(tmp_path / "run"), reporter=Quiet())
-    payload = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert (payload["epoch"], payload["step"]) == (1, 4)
-    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+    checkpoint = Checkpoint.load(tmp_path / "run" / "last.pt")
+    assert (checkpoint.epoch, checkpoint.step) == (1, 4)
+    assert all(torch.isfinite(v).all() for v in checkpoint.model.values() if v.is_floating_point())
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
 
 
@@ -291,9 +294,9 @@ def test_two_process_gloo_run_matches_a_single_process_evaluation(tmp_path: Path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["status"] == "finished"
-    payload = load_checkpoint(out / "last.pt")
-    assert payload["step"] == 2 * 2  # 64 images over 2 ranks of batch 16: 2 updates an epoch
-    assert len(payload["rng"]) == 2  # each rank's own random state
+    checkpoint = Checkpoint.load(out / "last.pt")
+    assert checkpoint.step == 2 * 2  # 64 images over 2 ranks of batch 16: 2 updates an epoch
+    assert len(checkpoint.rng) == 2  # each rank's own random state
     # Validation was sharded over the ranks and reduced; one process over all 32 images agrees.
     report = evaluate_checkpoint(out / "last.pt", EvalOptions(device="cpu"), reporter=Quiet())
     assert report.images == 32
@@ -329,7 +332,7 @@ def test_two_process_run_skips_a_step_whose_batch_is_unreadable_on_one_rank(tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["status"], summary["world_size"]) == ("finished", 2)
     # Fewer updates than batches: the steps with an unreadable batch on either rank were skipped.
-    assert 0 < load_checkpoint(out / "last.pt")["step"] < len(images) // 2 // 2
+    assert 0 < Checkpoint.load(out / "last.pt").step < len(images) // 2 // 2
 
 
 # ---------------------------------------------------------------------------------------------------

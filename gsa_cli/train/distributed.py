@@ -9,7 +9,7 @@ Without those variables everything here is a no-op for a single process.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +120,19 @@ def broadcast(value: Any) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def on_main(world: World, action: Callable[[], object]) -> None:
+    """Run ``action()`` on rank 0 only; a GsaError it raises is raised on every rank."""
+    problem = None
+    if world.is_main:
+        try:
+            action()
+        except GsaError as err:
+            problem = str(err)
+    problem = broadcast(problem)
+    if problem is not None:
+        raise GsaError(problem)
 
 
 def launch(

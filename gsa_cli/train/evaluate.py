@@ -8,14 +8,22 @@ from pathlib import Path
 
 import torch
 
-from gsa_cli.data import CorruptFiles, OnCorrupt, ShardSampler, build_datasets, data_root, make_loader
+from gsa_cli.data import (
+    DATA_ENV,
+    CorruptFiles,
+    OnCorrupt,
+    ShardSampler,
+    build_datasets,
+    data_root,
+    loader_workers,
+    make_loader,
+)
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
 from gsa_cli.results import EvalReport, RunDir, now_iso
-from gsa_cli.runtime import Precision, device_name, resolve_device
-from gsa_cli.train.distributed import World
-from gsa_cli.train.loop import Reporter, evaluate, load_checkpoint
-from gsa_cli.train.run import DATA_ENV, config_from_checkpoint, loader_workers
+from gsa_cli.runtime import device_name, resolve_device
+from gsa_cli.train.checkpoint import Checkpoint, config_from_checkpoint
+from gsa_cli.train.loop import Reporter, evaluate
 
 
 @dataclass(frozen=True)
@@ -57,11 +65,10 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
         GsaError: for an unreadable or refused checkpoint, or missing data.
     """
     path = resolve_checkpoint(target)
-    payload = load_checkpoint(path)
-    config = config_from_checkpoint(payload, path)
+    checkpoint = Checkpoint.load(path)
+    config = config_from_checkpoint(checkpoint, path)
     device = resolve_device(options.device)
-    precision = Precision(payload["options"]["precision"])
-    channels_last = bool(payload["options"]["channels_last"])
+    precision, channels_last = checkpoint.options.precision, checkpoint.options.channels_last
     batch_size = options.batch_size or config.recipe.batch_size
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -72,13 +79,14 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
         val_set,
         ShardSampler(len(val_set), rank=0, world_size=1),  # type: ignore[arg-type]
         batch_size=batch_size,
-        workers=loader_workers(options.workers, root, World()),
+        workers=loader_workers(options.workers, root, world_size=1),
         pin_memory=device.type == "cuda",
         drop_last=False,
     )
     model = build_model(config)
-    use_ema = options.ema and payload["ema"] is not None
-    model.load_state_dict(payload["ema"] if use_ema else payload["model"])
+    ema = checkpoint.ema if options.ema else None
+    use_ema = ema is not None
+    model.load_state_dict(ema if ema is not None else checkpoint.model)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -91,15 +99,15 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
         channels_last=channels_last,
         check=corrupt.check,
         reporter=reporter,
-        epoch=int(payload["epoch"]),
+        epoch=checkpoint.epoch,
     )
     stats = totals.stats()
     # Training recorded the accuracy of the EMA weights when there were some.
-    recorded = payload["val_top1"] if use_ema or payload["ema"] is None else None
+    recorded = checkpoint.val_top1 if use_ema or checkpoint.ema is None else None
     report = EvalReport(
         checkpoint=str(path),
         weights="ema" if use_ema else "model",
-        epoch=int(payload["epoch"]),
+        epoch=checkpoint.epoch,
         top1=stats["top1"],
         top5=stats["top5"],
         loss=stats["loss"],

@@ -1,20 +1,16 @@
-"""The training and evaluation loops, the optimiser and schedule, EMA, and checkpoint files.
+"""The loops: one training step, one epoch, evaluation, BatchNorm recalibration, stop signals.
 
-Nothing here knows about GSA, presets or the command line: a :class:`Trainer` takes a module, a
-recipe and loaders of :class:`~gsa_cli.data.Batch`, and reports through a :class:`Reporter`.
+Nothing here knows about GSA, presets or the command line: a :class:`Trainer` takes a module, the
+recipe's parts (:mod:`gsa_cli.train.recipe`) and loaders of :class:`~gsa_cli.data.Batch`, and reports
+through a :class:`Reporter`. The run that wires them together is :mod:`gsa_cli.train.run`.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import pickle
 import signal
 import time
-import zipfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
@@ -22,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gsa_cli.config import Optimizer, RecipeConfig
 from gsa_cli.data import Batch
 from gsa_cli.errors import GsaError
-from gsa_cli.results import atomic_path
+from gsa_cli.results import EpochMetrics
 from gsa_cli.runtime import Precision, autocast, module_mode, synchronize, too_small_for_batch_norm
 from gsa_cli.train.distributed import all_reduce_sum, any_rank
+from gsa_cli.train.recipe import BatchTransform, ModelEma
 
-CHECKPOINT_FORMAT = "gsa-checkpoint/1"
 SYNC_EVERY = 10  # steps between reads of the running sums (a device sync) and stop checks
 
 
@@ -45,69 +40,33 @@ class Reporter(Protocol):
     def message(self, text: str) -> None: ...
 
 
+class RunReporter(Reporter, Protocol):
+    """A :class:`Reporter` that also hears about each finished epoch of a run."""
+
+    def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None: ...
+
+
+class SilentReporter:
+    """A run reporter that reports nothing (every rank's but the first)."""
+
+    def start(self, phase: str, epoch: int, total: int, done: int) -> None:
+        pass
+
+    def update(self, done: int, stats: dict[str, float]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None:
+        pass
+
+
 class TrainingStoppedError(GsaError):
     """Training stopped before its last epoch: a signal, or a loss that is no longer finite."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Optimiser, schedule, EMA.
-
-
-def param_groups(
-    model: nn.Module, *, weight_decay: float, no_decay: Collection[str] = ()
-) -> list[dict[str, Any]]:
-    """Two groups: weights with decay, and without it the 1-D parameters (norm scales and shifts,
-    biases) plus the parameters named in ``no_decay``."""
-    decay: list[nn.Parameter] = []
-    plain: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (plain if param.ndim <= 1 or name in no_decay else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": plain, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(groups: list[dict[str, Any]], recipe: RecipeConfig) -> torch.optim.Optimizer:
-    """SGD (with the recipe's momentum, Nesterov or not) or AdamW (decoupled decay), at ``recipe.lr``."""
-    if recipe.optimizer is Optimizer.SGD:
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
-    return torch.optim.AdamW(groups, lr=recipe.lr)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """The learning-rate factor of update ``step`` (0-based): linear from ``1/warmup`` to 1 over the
-    warm-up, then a cosine from 1 to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-class ModelEma:
-    """An exponential moving average of a model's weights (buffers are copied, not averaged).
-
-    The decay ramps up as ``min(decay, (1 + step) / (10 + step))``, so that the average follows the
-    fast early changes of a short run instead of sitting on the initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for average, current in zip(self.module.parameters(), model.parameters(), strict=True):
-            average.lerp_(current.detach(), 1.0 - decay)
-        for buffer, source in zip(self.module.buffers(), model.buffers(), strict=True):
-            buffer.copy_(source)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,6 +196,26 @@ def _alone(keep: bool) -> bool:
     return keep
 
 
+class _Running:
+    """An epoch in progress: its totals so far, the sums not yet read from the device, the clock."""
+
+    def __init__(self, epoch: int, totals: Totals, total_batches: int, device: torch.device) -> None:
+        self.epoch = epoch
+        self.totals = totals
+        self.total_batches = total_batches
+        self.device = device
+        self.pending = torch.zeros(4, dtype=torch.float64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+        self.since = 0.0
+
+    def restart_clock(self) -> float:
+        """Seconds since the last restart (the device synchronised first)."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.since = now - self.since, now
+        return elapsed
+
+
 @dataclass
 class Trainer:
     """One model's training state and the loops that advance it.
@@ -263,7 +242,7 @@ class Trainer:
     grad_clip: float | None
     channels_last: bool
     check: Callable[[Batch], bool]
-    batch_transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    batch_transform: BatchTransform | None = None
     agree: Callable[[bool], bool] = _alone
     step: int = 0  # optimizer updates done
     sync_every: int = SYNC_EVERY
@@ -302,39 +281,18 @@ class Trainer:
         reporter: Reporter,
         carried: Totals | None = None,
         batches_done: int = 0,
-        distributed: bool = False,
     ) -> EpochOutcome:
         """Train one epoch (the rest of it, when resuming with ``batches_done`` and ``carried``).
+
+        Every ``sync_every`` batches the running sums are read (a device sync), reported, and every
+        rank is asked whether a signal arrived; if one did, the epoch stops there, unfinished.
 
         Raises:
             TrainingStoppedError: when the loss is no longer finite.
         """
-        totals = carried or Totals()
-        total_batches = batches_done + len(loader)
-        pending = torch.zeros(4, dtype=torch.float64, device=self.device)
-        bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
-        reporter.start("train", epoch, total_batches, batches_done)
-        synchronize(self.device)
-        started = time.perf_counter()
-
-        def flush(done: int) -> None:
-            nonlocal started
-            synchronize(self.device)
-            now = time.perf_counter()
-            if bool(bad_loss):
-                raise TrainingStoppedError(
-                    f"the training loss is no longer finite at epoch {epoch}, step {self.step}: "
-                    "stopped, keeping the last good checkpoint; lower the learning rate, set "
-                    "recipe.grad_clip, or use bf16 instead of fp16"
-                )
-            totals.add(pending.cpu(), now - started)
-            started = now
-            pending.zero_()
-            stats = totals.stats()
-            stats["lr"] = self.optimizer.param_groups[0]["lr"]
-            stats["images_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
-            reporter.update(done, stats)
-
+        running = _Running(epoch, carried or Totals(), batches_done + len(loader), self.device)
+        reporter.start("train", epoch, running.total_batches, batches_done)
+        running.restart_clock()
         done = batches_done
         finished = True
         self.model.train()
@@ -342,17 +300,40 @@ class Trainer:
             done += 1  # counted even when skipped, so that every rank stops at the same step
             if self.agree(self.check(batch)):
                 images, labels = self._to_device(batch.images, batch.labels)
-                self._step(images, labels, pending, bad_loss)
-            if done % self.sync_every == 0 and done < total_batches:
-                flush(done)
-                if any_rank(self.stop.signum is not None, self.device):
+                self._step(images, labels, running.pending, running.bad_loss)
+            if done % self.sync_every == 0 and done < running.total_batches:
+                self._flush(running, done, reporter)
+                if self.stop_requested():
                     finished = False
                     break
         else:
-            flush(done)
+            self._flush(running, done, reporter)
         reporter.finish()
-        lr = self.optimizer.param_groups[0]["lr"]
-        return EpochOutcome(totals, done, finished, lr)
+        return EpochOutcome(running.totals, done, finished, self.optimizer.param_groups[0]["lr"])
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal reached any rank (a collective under DDP: every rank must ask)."""
+        return any_rank(self.stop.signum is not None, self.device)
+
+    def _flush(self, running: _Running, done: int, reporter: Reporter) -> None:
+        """Add the pending sums to the epoch's totals and report them.
+
+        Raises:
+            TrainingStoppedError: when a loss since the last flush was not finite.
+        """
+        seconds = running.restart_clock()
+        if bool(running.bad_loss):
+            raise TrainingStoppedError(
+                f"the training loss is no longer finite at epoch {running.epoch}, step {self.step}: "
+                "stopped, keeping the last good checkpoint; lower the learning rate, set "
+                "recipe.grad_clip, or use bf16 instead of fp16"
+            )
+        running.totals.add(running.pending.cpu(), seconds)
+        running.pending.zero_()
+        stats = running.totals.stats()
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats["images_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
+        reporter.update(done, stats)
 
     @torch.no_grad()
     def recalibrate_batch_norm(self, model: nn.Module, loader: Any, batches: int) -> int:
@@ -470,39 +451,3 @@ def evaluate(
     totals.add(all_reduce_sum(sums).cpu(), time.perf_counter() - started)
     reporter.finish()
     return totals
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint files.
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically: to a temporary file beside ``path``, then renamed over it."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code.
-
-    Raises:
-        GsaError: for a missing file, one that carries Python objects (refused, not run), or one that
-            is truncated, corrupt or not a gsa checkpoint.
-    """
-    if not path.is_file():
-        raise GsaError(f"{path}: no such checkpoint")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "unsupported global" in str(err).lower():  # a class or function to import and call
-            raise GsaError(
-                f"{path}: refused: the file carries Python objects or code, and checkpoints are only "
-                "loaded as plain tensors and data (weights_only); do not load files you do not trust"
-            ) from None
-        raise GsaError(f"{path}: not a readable checkpoint (corrupt or not a torch file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise GsaError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise GsaError(f"{path}: not a gsa checkpoint (expected one written by gsa train)")
-    return payload

@@ -1,8 +1,12 @@
 """A training run, wired from a config: data, model, recipe, run directory.
 
 :func:`train` is what ``gsa train`` calls (``gsa eval`` calls :mod:`gsa_cli.train.evaluate`); it works the
-same from a notebook. It knows nothing of GSA (the model names its own parameters kept out of weight
-decay, ``model.no_weight_decay()``); the loops themselves live in :mod:`gsa_cli.train.loop`.
+same from a notebook. A run is a :class:`_Run` whose phases are its methods: open the run directory (or
+the checkpoint to resume), build the data, build the model and the recipe, resume, then per epoch
+train, evaluate, save and summarise, and stop on a signal. It knows nothing of GSA (the model names its
+own parameters kept out of weight decay, ``model.no_weight_decay()``); the loops live in
+:mod:`gsa_cli.train.loop`, the recipe's parts in :mod:`gsa_cli.train.recipe` and the checkpoint in
+:mod:`gsa_cli.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -10,33 +14,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn
 
 import torch
 import torchvision
-import yaml
 from torch import nn
+from torch.utils.data import DataLoader
 
 from gsa_cli.bench.macs import count_gmacs
 from gsa_cli.config import Config, config_to_yaml
 from gsa_cli.data import (
+    DATA_ENV,
     CorruptFiles,
     OnCorrupt,
     ShardSampler,
     TrainSampler,
     build_datasets,
     data_root,
+    loader_workers,
     make_loader,
 )
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
-from gsa_cli.presets import resolve_config
 from gsa_cli.results import (
     EpochMetrics,
     RunDir,
@@ -47,45 +50,27 @@ from gsa_cli.results import (
 )
 from gsa_cli.runtime import Precision, device_name, seed_everything
 from gsa_cli.train import distributed
+from gsa_cli.train.checkpoint import (
+    Best,
+    Checkpoint,
+    PartialEpoch,
+    TrainedWith,
+    capture_rng,
+    config_from_checkpoint,
+    copy_checkpoint,
+    restore_rng,
+)
 from gsa_cli.train.loop import (
-    ModelEma,
-    Reporter,
+    EpochOutcome,
+    RunReporter,
+    SilentReporter,
     Totals,
     Trainer,
     TrainingStoppedError,
-    build_optimizer,
-    load_checkpoint,
-    param_groups,
-    save_checkpoint,
-    warmup_cosine,
 )
+from gsa_cli.train.recipe import ModelEma, batch_mixing, build_optimizer, build_schedule, param_groups
 
-DATA_ENV = "GSA_DATA"
-
-
-class RunReporter(Reporter, Protocol):
-    """A :class:`~gsa_cli.train.loop.Reporter` that also hears about each finished epoch."""
-
-    def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None: ...
-
-
-class _Silent:
-    """The reporter of every rank but the first."""
-
-    def start(self, phase: str, epoch: int, total: int, done: int) -> None:
-        pass
-
-    def update(self, done: int, stats: dict[str, float]) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-    def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None:
-        pass
+__all__ = ["RunReporter", "TrainOptions", "TrainingStoppedError", "train"]
 
 
 @dataclass(frozen=True)
@@ -120,76 +105,7 @@ class TrainOptions:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pieces.
-
-
-def config_from_checkpoint(payload: dict[str, Any], source: Path) -> Config:
-    raw = yaml.safe_load(str(payload["config_yaml"]))
-    return resolve_config(raw, name=str(payload["preset"]), source=f"{source} (its saved config)")
-
-
-def loader_workers(requested: int | None, root: Path | None, world: distributed.World) -> int:
-    if requested is not None:
-        if requested < 0:
-            raise ConfigError(f"--workers must not be negative, got {requested}")
-        return requested
-    if root is None:  # digits and synthetic live in memory
-        return 0
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
-    return max(1, min(8, (os.cpu_count() or 1) // local))
-
-
-def _batch_transform(config: Config) -> Any:
-    recipe, classes = config.recipe, config.data.num_classes
-    from torchvision.transforms import v2
-
-    choices: list[Any] = []
-    if recipe.mixup_alpha > 0:
-        choices.append(v2.MixUp(alpha=recipe.mixup_alpha, num_classes=classes))
-    if recipe.cutmix_alpha > 0:
-        choices.append(v2.CutMix(alpha=recipe.cutmix_alpha, num_classes=classes))
-    if not choices:
-        return None
-    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_rng(world: distributed.World) -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (on every rank)."""
-    state = _rng_state()
-    if not world.distributed:
-        return [state]
-    states: list[Any] = [None] * world.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
-def _on_main(world: distributed.World, action: Any) -> None:
-    """Run ``action()`` on rank 0; a GsaError it raises is raised on every rank."""
-    problem = None
-    if world.is_main:
-        try:
-            action()
-        except GsaError as err:
-            problem = str(err)
-    problem = distributed.broadcast(problem)
-    if problem is not None:
-        raise GsaError(problem)
+# Helpers.
 
 
 @functools.cache
@@ -222,277 +138,350 @@ def train(config: Config | None, options: TrainOptions, *, reporter: RunReporter
         torch.set_num_threads(options.threads)
     world, device = distributed.setup(options.device)
     try:
-        return _train(config, options, world, device, reporter if world.is_main else _Silent())
+        return _Run(config, options, world, device, reporter if world.is_main else SilentReporter()).run()
     finally:
         distributed.teardown()
 
 
-def _train(
-    config: Config | None,
-    options: TrainOptions,
-    world: distributed.World,
-    device: torch.device,
-    reporter: RunReporter,
-) -> RunSummary:
-    resumed: dict[str, Any] | None = None
-    precision, channels_last = options.precision, options.channels_last
-    if options.resume is not None:
-        run_dir = RunDir(options.resume)
-        resumed = load_checkpoint(run_dir.last)
-        config = config_from_checkpoint(resumed, run_dir.last)
-        precision = Precision(resumed["options"]["precision"])
-        channels_last = bool(resumed["options"]["channels_last"])
-    else:
+class _Run:
+    """One run on this rank: built phase by phase in ``__init__``, then :meth:`run` epoch by epoch.
+
+    Where the run stands lives in attributes that the phases update (``epoch``, ``batches_done``,
+    ``carried``, ``best``, ``rows``), so that the summary and the checkpoint always read the current
+    values.
+    """
+
+    # Set by the phases of __init__, in this order.
+    config: Config
+    run_dir: RunDir
+    precision: Precision
+    channels_last: bool
+    corrupt: CorruptFiles
+    sampler: TrainSampler
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
+    model: nn.Module
+    no_decay: set[str]
+    parameters: int
+    gmacs: float | None
+    ema: ModelEma | None
+    trainer: Trainer
+
+    def __init__(
+        self,
+        config: Config | None,
+        options: TrainOptions,
+        world: distributed.World,
+        device: torch.device,
+        reporter: RunReporter,
+    ) -> None:
+        self.options, self.world, self.device, self.reporter = options, world, device, reporter
+        resumed = self._open(config)
+        self._data()
+        forward = self._build_model()
+        self._build_trainer(forward)
+        self.epoch, self.batches_done = 0, 0  # epochs finished; batches done of the next one
+        self.carried: Totals | None = None  # the sums of those batches
+        self.best = Best()
+        self.rows: list[EpochMetrics] = []
+        self.wall_before, self.started = 0.0, now_iso()
+        if resumed is not None:
+            self._resume(resumed)
+        else:
+            distributed.on_main(
+                world, functools.partial(self.run_dir.write_config, config_to_yaml(self.config))
+            )
+        self.session_start = time.perf_counter()
+
+    # -- Phases of a new run. ------------------------------------------------------------------------
+
+    def _open(self, config: Config | None) -> Checkpoint | None:
+        """The config and the run directory: a new one, or the one to resume (whose checkpoint is
+        returned; its config and numerics replace the options')."""
+        if self.options.resume is not None:
+            self.run_dir = RunDir(self.options.resume)
+            resumed = Checkpoint.load(self.run_dir.last)
+            self.config = config_from_checkpoint(resumed, self.run_dir.last)
+            self.precision, self.channels_last = resumed.options.precision, resumed.options.channels_last
+            return resumed
         if config is None:
             raise ConfigError("give a config to train, or a run directory to resume")
-        out = options.out or default_run_dir(config.name, config.model.kind.value)
-        run_dir = RunDir(Path(distributed.broadcast(str(out))))
-        _on_main(world, run_dir.create)
-    recipe = config.recipe
+        self.config = config
+        self.precision, self.channels_last = self.options.precision, self.options.channels_last
+        out = self.options.out or default_run_dir(config.name, config.model.kind.value)
+        self.run_dir = RunDir(Path(distributed.broadcast(str(out))))
+        distributed.on_main(self.world, self.run_dir.create)
+        return None
 
-    # Data.
-    root = data_root(options.data or os.environ.get(DATA_ENV) or None, config.data)
-    train_set, val_set = build_datasets(config, root)
-    corrupt = CorruptFiles(options.on_corrupt, reporter.message)
-    workers = loader_workers(options.workers, root, world)
-    sampler = TrainSampler(train_set, rank=world.rank, world_size=world.world_size, seed=recipe.seed)
-    if sampler.num_samples < 2:
-        raise ConfigError(
-            f"{sampler.total_size} training images are too few to train on {world.world_size} rank(s)"
+    def _data(self) -> None:
+        """The data sets, this rank's share of them, and their loaders."""
+        config, world, options = self.config, self.world, self.options
+        root = data_root(options.data or os.environ.get(DATA_ENV) or None, config.data)
+        train_set, val_set = build_datasets(config, root)
+        self.corrupt = CorruptFiles(options.on_corrupt, self.reporter.message)
+        workers = loader_workers(options.workers, root, world_size=world.world_size)
+        batch_size, pin_memory = config.recipe.batch_size, self.device.type == "cuda"
+        self.sampler = TrainSampler(
+            train_set, rank=world.rank, world_size=world.world_size, seed=config.recipe.seed
         )
-    train_loader = make_loader(
-        train_set,
-        sampler,
-        batch_size=recipe.batch_size,
-        workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=sampler.num_samples >= recipe.batch_size,  # no ragged last batch, if a full one exists
-    )
-    val_loader = make_loader(
-        val_set,
-        ShardSampler(len(val_set), rank=world.rank, world_size=world.world_size),  # type: ignore[arg-type]
-        batch_size=recipe.batch_size,
-        workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-    )
-    steps_per_epoch = len(train_loader)
+        if self.sampler.num_samples < 2:
+            raise ConfigError(
+                f"{self.sampler.total_size} training images are too few to train on "
+                f"{world.world_size} rank(s)"
+            )
+        loader = functools.partial(make_loader, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
+        # No ragged last batch in training, if a full one exists.
+        self.train_loader = loader(train_set, self.sampler, drop_last=self.sampler.num_samples >= batch_size)
+        shard = ShardSampler(len(val_set), rank=world.rank, world_size=world.world_size)  # type: ignore[arg-type]
+        self.val_loader = loader(val_set, shard, drop_last=False)
 
-    # Model: the same initial weights on every rank; then each rank its own augmentation stream.
-    seed_everything(recipe.seed)
-    model = build_model(config)
-    parameters = sum(p.numel() for p in model.parameters())
-    gmacs = (
-        count_gmacs(model, img_size=config.data.img_size, channels=config.data.channels)
-        if world.is_main
-        else None
-    )
-    if options.sync_bn and device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
-    if options.sync_bn and world.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    forward: Any = model
-    if world.distributed:
-        forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+    def _build_model(self) -> Any:
+        """The model (the same initial weights on every rank), its size, and what the loop calls:
+        the model, or its DDP or compiled wrapper. Then each rank its own augmentation stream."""
+        config, world, device, options = self.config, self.world, self.device, self.options
+        seed_everything(config.recipe.seed)
+        model = build_model(config)
+        self.no_decay = model.no_weight_decay()  # its names outlive the wrappers and conversions below
+        self.parameters = sum(p.numel() for p in model.parameters())
+        data = config.data
+        self.gmacs = (
+            count_gmacs(model, img_size=data.img_size, channels=data.channels) if world.is_main else None
         )
-    if options.compile:
-        forward = torch.compile(forward)
-    seed_everything(recipe.seed + world.rank)
+        if options.sync_bn and device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
+        if options.sync_bn and world.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        forward: Any = model
+        if world.distributed:
+            forward = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if options.compile:
+            forward = torch.compile(forward)
+        seed_everything(config.recipe.seed + world.rank)
+        return forward
 
-    optimizer = build_optimizer(
-        param_groups(model, weight_decay=recipe.weight_decay, no_decay=model.no_weight_decay()), recipe
-    )
-    total_steps = recipe.epochs * steps_per_epoch
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision is Precision.FP16)
-    ema = ModelEma(model, recipe.ema_decay) if recipe.ema_decay is not None else None
-    trainer = Trainer(
-        model=model,
-        forward=forward,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        ema=ema,
-        device=device,
-        precision=precision,
-        label_smoothing=recipe.label_smoothing,
-        grad_clip=recipe.grad_clip,
-        channels_last=channels_last,
-        check=corrupt.check,
-        # Only skipping can leave a rank without a batch; failing stops the run on that rank.
-        agree=distributed.all_ranks if options.on_corrupt is OnCorrupt.SKIP else (lambda keep: keep),
-        batch_transform=_batch_transform(config),
-        sync_every=1 if device.type == "cpu" else 10,
-    )
+    def _build_trainer(self, forward: Any) -> None:
+        """The recipe's parts (optimizer, schedule, scaler, EMA, mixing) and the loop's trainer."""
+        recipe, model, device = self.config.recipe, self.model, self.device
+        no_decay = self.no_decay
+        optimizer = build_optimizer(
+            param_groups(model, weight_decay=recipe.weight_decay, no_decay=no_decay), recipe
+        )
+        self.ema = ModelEma(model, recipe.ema_decay) if recipe.ema_decay is not None else None
+        self.trainer = Trainer(
+            model=model,
+            forward=forward,
+            optimizer=optimizer,
+            scheduler=build_schedule(optimizer, recipe, steps_per_epoch=len(self.train_loader)),
+            scaler=torch.amp.GradScaler(device.type, enabled=self.precision is Precision.FP16),
+            ema=self.ema,
+            device=device,
+            precision=self.precision,
+            label_smoothing=recipe.label_smoothing,
+            grad_clip=recipe.grad_clip,
+            channels_last=self.channels_last,
+            check=self.corrupt.check,
+            # Only skipping can leave a rank without a batch; failing stops the run on that rank.
+            agree=distributed.all_ranks if self.options.on_corrupt is OnCorrupt.SKIP else (lambda keep: keep),
+            batch_transform=batch_mixing(recipe, num_classes=self.config.data.num_classes),
+            sync_every=1 if device.type == "cpu" else 10,
+        )
 
-    # Where we start: from scratch, or where the checkpoint left off.
-    epoch, batches_done, carried = 0, 0, None
-    best: dict[str, Any] = {"top1": None, "top5": None, "epoch": None}
-    wall_before, started = 0.0, now_iso()
-    rows: list[EpochMetrics] = []
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(resumed["ema"])
-        trainer.step = int(resumed["step"])
-        epoch, batches_done = int(resumed["epoch"]), int(resumed["batches_done"])
-        if resumed["partial"] is not None:
+    # -- Resuming. -----------------------------------------------------------------------------------
+
+    def _resume(self, checkpoint: Checkpoint) -> None:
+        """Continue where ``checkpoint`` left off: weights, recipe state, progress, random state."""
+        trainer, world = self.trainer, self.world
+        self.model.load_state_dict(checkpoint.model)
+        trainer.optimizer.load_state_dict(checkpoint.optimizer)
+        trainer.scheduler.load_state_dict(checkpoint.scheduler)
+        trainer.scaler.load_state_dict(checkpoint.scaler)
+        if self.ema is not None:
+            if checkpoint.ema is None:
+                raise GsaError(
+                    f"{self.run_dir.last}: not a usable gsa checkpoint: ema is None, but its recipe has one"
+                )
+            self.ema.module.load_state_dict(checkpoint.ema)
+        trainer.step = checkpoint.step
+        self.epoch, self.batches_done = checkpoint.epoch, checkpoint.batches_done
+        if checkpoint.partial is not None:
             # Saved summed over ranks: rank 0 carries the counts, every rank its time.
-            partial = Totals(**resumed["partial"])
-            carried = partial if world.is_main else Totals(seconds=partial.seconds)
-        best = dict(resumed["best"])
-        wall_before, started = float(resumed["wall_time_s"]), str(resumed["started"])
-        rng = resumed["rng"]
-        if len(rng) == world.world_size:
-            _set_rng_state(rng[world.rank])
-        rows = run_dir.read_metrics()[:epoch]
-        done_msg = f"epoch {epoch} of {recipe.epochs}" + (f", batch {batches_done}" if batches_done else "")
-        reporter.message(f"resuming {run_dir.path} after {done_msg}")
-    else:
-        _on_main(world, lambda: run_dir.write_config(config_to_yaml(config)))
+            partial = Totals(**dataclasses.asdict(checkpoint.partial))
+            self.carried = partial if world.is_main else Totals(seconds=partial.seconds)
+        self.best = checkpoint.best
+        self.wall_before, self.started = checkpoint.wall_time_s, checkpoint.started
+        if len(checkpoint.rng) == world.world_size:
+            restore_rng(checkpoint.rng[world.rank])
+        self.rows = self.run_dir.read_metrics()[: self.epoch]
+        where = f"epoch {self.epoch} of {self.config.recipe.epochs}"
+        where += f", batch {self.batches_done}" if self.batches_done else ""
+        self.reporter.message(f"resuming {self.run_dir.path} after {where}")
 
-    session_start = time.perf_counter()
+    # -- Epochs. -------------------------------------------------------------------------------------
 
-    def wall_time() -> float:
-        return wall_before + time.perf_counter() - session_start
+    def run(self) -> RunSummary:
+        """Train the remaining epochs; the summary of the finished run.
 
-    def summary(status: str) -> RunSummary:
+        Raises:
+            TrainingStoppedError: on a signal (``last.pt`` saved where it stopped) or a loss that is no
+                longer finite (``last.pt`` left at the last good epoch; the summary says ``failed``).
+        """
+        with self.trainer.stop:
+            try:
+                while self.epoch < self.config.recipe.epochs:
+                    self._epoch()
+            except TrainingStoppedError as err:
+                if err.exit_code == 1 and self.world.is_main:  # a non-finite loss: last.pt stays as it was
+                    self.run_dir.write_summary(self._summary("failed"))
+                raise
+        return self._summary("finished")
+
+    def _epoch(self) -> None:
+        """Train the next epoch (or the rest of it), evaluate, save, report; stop if signalled."""
+        recipe = self.config.recipe
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = self.batches_done * recipe.batch_size
+        outcome = self.trainer.train_epoch(
+            self.train_loader,
+            epoch=self.epoch + 1,
+            reporter=self.reporter,
+            carried=self.carried,
+            batches_done=self.batches_done,
+        )
+        self.sampler.start, self.carried = 0, None
+        if not outcome.finished:
+            self._stop_part_way(outcome)
+        row = self._validate(outcome)
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        is_best = self._save_epoch(row)
+        self.reporter.epoch_end(row, recipe.epochs, is_best)
+        if self.epoch < recipe.epochs and self.trainer.stop_requested():
+            raise self._stopped()
+
+    def _validate(self, outcome: EpochOutcome) -> EpochMetrics:
+        """Evaluate the weights (the EMA's when there is one) after the epoch; the epoch's row."""
+        recipe = self.config.recipe
+        train_stats = outcome.totals.reduced(self.device).stats()
+        evaluated = self.ema.module if self.ema else self.model
+        if recipe.precise_bn_batches:
+            self.trainer.recalibrate_batch_norm(evaluated, self.train_loader, recipe.precise_bn_batches)
+        val = self.trainer.evaluate(evaluated, self.val_loader, epoch=self.epoch + 1, reporter=self.reporter)
+        val_stats = val.stats()
+        return EpochMetrics(
+            epoch=self.epoch + 1,
+            lr=outcome.lr,
+            train_loss=train_stats["loss"],
+            train_top1=train_stats["top1"],
+            val_loss=val_stats["loss"],
+            val_top1=val_stats["top1"],
+            val_top5=val_stats["top5"],
+            images_per_s=train_stats["images"] / max(outcome.totals.seconds, 1e-9),
+            epoch_time_s=outcome.totals.seconds + val.seconds,
+        )
+
+    # -- Saving. -------------------------------------------------------------------------------------
+
+    def _save_epoch(self, row: EpochMetrics) -> bool:
+        """Record a finished epoch: best so far, ``last.pt`` (and ``best.pt``), metrics, summary.
+        Returns whether it is the best epoch so far."""
+        self.rows.append(row)
+        is_best = self.best.top1 is None or row.val_top1 > self.best.top1
+        if is_best:
+            self.best = Best(top1=row.val_top1, top5=row.val_top5, epoch=self.epoch)
+        checkpoint = self._checkpoint(None, 0, row.val_top1)  # on every rank: it gathers their RNGs
+        if self.world.is_main:
+            checkpoint.save(self.run_dir.last)
+            if is_best:
+                copy_checkpoint(self.run_dir.last, self.run_dir.best)
+            self.run_dir.write_metrics(self.rows)
+            status = "finished" if self.epoch == self.config.recipe.epochs else "running"
+            self.run_dir.write_summary(self._summary(status))
+        return is_best
+
+    def _checkpoint(self, partial: Totals | None, batches_done: int, val_top1: float | None) -> Checkpoint:
+        """The run as it stands (a collective: every rank's random state is gathered)."""
+        trainer = self.trainer
+        return Checkpoint(
+            preset=self.config.name,
+            config_yaml=config_to_yaml(self.config),
+            model=self.model.state_dict(),
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            optimizer=trainer.optimizer.state_dict(),
+            scheduler=trainer.scheduler.state_dict(),
+            scaler=trainer.scaler.state_dict(),
+            epoch=self.epoch,
+            batches_done=batches_done,
+            partial=PartialEpoch(**dataclasses.asdict(partial)) if partial is not None else None,
+            step=trainer.step,
+            best=self.best,
+            val_top1=val_top1,
+            rng=capture_rng(self.world),
+            world_size=self.world.world_size,
+            options=TrainedWith(self.precision, self.channels_last),
+            wall_time_s=self._wall_time(),
+            started=self.started,
+        )
+
+    def _wall_time(self) -> float:
+        """Seconds of every session of the run, this one up to now."""
+        return self.wall_before + time.perf_counter() - self.session_start
+
+    def _summary(self, status: str) -> RunSummary:
+        """``summary.json``'s record of the run as it stands."""
+        config, rows = self.config, self.rows
         final = rows[-1] if rows else None
         speeds = [row.images_per_s for row in rows]
         return RunSummary(
             status=status,
-            run_dir=str(run_dir.path),
+            run_dir=str(self.run_dir.path),
             preset=config.name,
             model_kind=config.model.kind.value,
             dataset=config.data.dataset.value,
-            epochs=recipe.epochs,
+            epochs=config.recipe.epochs,
             epochs_done=len(rows),
-            best_top1=best["top1"],
-            best_top5=best["top5"],
-            best_epoch=best["epoch"],
+            best_top1=self.best.top1,
+            best_top5=self.best.top5,
+            best_epoch=self.best.epoch,
             final_top1=final.val_top1 if final else None,
             final_top5=final.val_top5 if final else None,
             final_val_loss=final.val_loss if final else None,
-            parameters=parameters,
-            gmacs=gmacs,
-            wall_time_s=round(wall_time(), 3),
+            parameters=self.parameters,
+            gmacs=self.gmacs,
+            wall_time_s=round(self._wall_time(), 3),
             images_per_s=sum(speeds) / len(speeds) if speeds else None,
-            device=device_name(device),
-            world_size=world.world_size,
-            precision=precision.value,
-            batch_size=recipe.batch_size,
-            channels_last=channels_last,
-            compiled=options.compile,
-            started=started,
+            device=device_name(self.device),
+            world_size=self.world.world_size,
+            precision=self.precision.value,
+            batch_size=config.recipe.batch_size,
+            channels_last=self.channels_last,
+            compiled=self.options.compile,
+            started=self.started,
             updated=now_iso(),
             **_versions(),  # type: ignore[arg-type]
         )
 
-    def checkpoint(partial: Totals | None, done: int, val_top1: float | None) -> dict[str, Any]:
-        return {
-            "preset": config.name,
-            "config_yaml": config_to_yaml(config),
-            "model": model.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,  # epochs finished
-            "batches_done": done,  # of the next epoch, when stopped part-way
-            "partial": dataclasses.asdict(partial) if partial is not None else None,
-            "step": trainer.step,
-            "best": best,
-            "val_top1": val_top1,  # of the weights evaluated (EMA when there is one)
-            "rng": _gather_rng(world),
-            "world_size": world.world_size,
-            "options": {"precision": precision.value, "channels_last": channels_last},
-            "wall_time_s": wall_time(),
-            "started": started,
-        }
+    # -- Stopping. -----------------------------------------------------------------------------------
 
-    def stopped(signum: int) -> TrainingStoppedError:
+    def _stop_part_way(self, outcome: EpochOutcome) -> NoReturn:
+        """A signal stopped the epoch: save ``last.pt`` there (resumable) and raise."""
+        partial = outcome.totals.reduced(self.device)
+        checkpoint = self._checkpoint(partial, outcome.batches_done, None)
+        if self.world.is_main:
+            checkpoint.save(self.run_dir.last)
+            self.run_dir.write_summary(self._summary("interrupted"))
+        raise self._stopped()
+
+    def _stopped(self) -> TrainingStoppedError:
+        """The error of a run stopped by a signal, with the shell's exit code for it."""
+        signum = self.trainer.stop.signum or signal.SIGINT
         error = TrainingStoppedError(
-            f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {trainer.step}; "
-            f"the checkpoint is saved: continue with gsa train --resume {run_dir.path}"
+            f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.trainer.step}; "
+            f"the checkpoint is saved: continue with gsa train --resume {self.run_dir.path}"
         )
         error.exit_code = 128 + signum
         return error
-
-    with trainer.stop:
-        try:
-            while epoch < recipe.epochs:
-                sampler.set_epoch(epoch)
-                sampler.start = batches_done * recipe.batch_size
-                outcome = trainer.train_epoch(
-                    train_loader,
-                    epoch=epoch + 1,
-                    reporter=reporter,
-                    carried=carried,
-                    batches_done=batches_done,
-                    distributed=world.distributed,
-                )
-                sampler.start, carried = 0, None
-                if not outcome.finished:
-                    partial = outcome.totals.reduced(device)
-                    payload = checkpoint(partial, outcome.batches_done, None)
-                    if world.is_main:
-                        save_checkpoint(run_dir.last, payload)
-                        run_dir.write_summary(summary("interrupted"))
-                    raise stopped(trainer.stop.signum or signal.SIGINT)
-                train_totals = outcome.totals.reduced(device)
-                evaluated = ema.module if ema else model
-                if recipe.precise_bn_batches:
-                    trainer.recalibrate_batch_norm(evaluated, train_loader, recipe.precise_bn_batches)
-                val = trainer.evaluate(evaluated, val_loader, epoch=epoch + 1, reporter=reporter)
-                epoch, batches_done = epoch + 1, 0
-                train_stats, val_stats = train_totals.stats(), val.stats()
-                row = EpochMetrics(
-                    epoch=epoch,
-                    lr=outcome.lr,
-                    train_loss=train_stats["loss"],
-                    train_top1=train_stats["top1"],
-                    val_loss=val_stats["loss"],
-                    val_top1=val_stats["top1"],
-                    val_top5=val_stats["top5"],
-                    images_per_s=train_stats["images"] / max(outcome.totals.seconds, 1e-9),
-                    epoch_time_s=outcome.totals.seconds + val.seconds,
-                )
-                rows.append(row)
-                is_best = best["top1"] is None or row.val_top1 > best["top1"]
-                if is_best:
-                    best = {"top1": row.val_top1, "top5": row.val_top5, "epoch": epoch}
-                payload = checkpoint(None, 0, row.val_top1)
-                if world.is_main:
-                    save_checkpoint(run_dir.last, payload)
-                    if is_best:
-                        _copy_atomic(run_dir.last, run_dir.best)
-                    run_dir.write_metrics(rows)
-                    status = "finished" if epoch == recipe.epochs else "running"
-                    run_dir.write_summary(summary(status))
-                reporter.epoch_end(row, recipe.epochs, is_best)
-                if epoch < recipe.epochs and any_signal(trainer, device):
-                    raise stopped(trainer.stop.signum or signal.SIGINT)
-        except TrainingStoppedError as err:
-            if err.exit_code == 1 and world.is_main:  # a non-finite loss: last.pt stays as it was
-                run_dir.write_summary(summary("failed"))
-            raise
-    return summary("finished")
-
-
-def any_signal(trainer: Trainer, device: torch.device) -> bool:
-    return distributed.any_rank(trainer.stop.signum is not None, device)
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    from gsa_cli.results import atomic_path
-
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)

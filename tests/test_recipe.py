@@ -1,24 +1,20 @@
-"""The engine's parts, checked against values worked out by hand."""
+"""The recipe's parts, checked against values worked out by hand."""
 
 from __future__ import annotations
 
 import math
-import pickle
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from gsa_cli import build_model, load_preset
-from gsa_cli.errors import GsaError
-from gsa_cli.train.loop import (
+from gsa_cli.train.recipe import (
     ModelEma,
-    batch_sums,
+    batch_mixing,
     build_optimizer,
-    load_checkpoint,
+    build_schedule,
     param_groups,
-    save_checkpoint,
     warmup_cosine,
 )
 
@@ -78,49 +74,29 @@ def test_ema_follows_the_warmed_up_decay() -> None:
     assert ema.module.weight.item() == pytest.approx(expected + (3.0 - expected) * 0.01)
 
 
-def test_batch_sums_count_top1_and_top5_by_hand() -> None:
-    logits = torch.tensor(
-        [[9.0, 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]
-    )  # top-5 of row 0: classes 0-4; of row 1: 5-1; of row 2: 0-4
-    labels = torch.tensor([0, 0, 5])  # row 0 top-1 hit; row 1 miss; row 2 miss
-    sums = batch_sums(logits, labels, torch.tensor(2.0))
-    assert sums.tolist() == [6.0, 1.0, 1.0, 3.0]
-    soft = torch.nn.functional.one_hot(labels, 6).float() * 0.7 + 0.05  # mixup-style targets
-    assert batch_sums(logits, soft, torch.tensor(2.0)).tolist() == [6.0, 1.0, 1.0, 3.0]
+def test_the_schedule_warms_up_over_the_recipes_epochs_and_ends_at_zero() -> None:
+    recipe = load_preset("smoke", overrides=["recipe.epochs=4", "recipe.warmup_epochs=1"]).recipe
+    optimizer = build_optimizer(param_groups(nn.Linear(2, 2), weight_decay=0.0), recipe)
+    schedule = build_schedule(optimizer, recipe, steps_per_epoch=5)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(20):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(recipe.lr / 5)  # the first of 5 warm-up steps
+    assert rates[4] == pytest.approx(recipe.lr)  # the warm-up's last step
+    assert rates[5] == pytest.approx(recipe.lr)  # the cosine's first
+    assert rates[20] == pytest.approx(0.0)
 
 
-class _Payload:
-    """A class a weights-only load must refuse to construct."""
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (print, ("this ran",))
-
-
-def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 3})
-    assert load_checkpoint(path)["epoch"] == 3
-    assert not list(tmp_path.glob(".*tmp"))  # the temporary file is gone
-
-    code = tmp_path / "code.pt"
-    torch.save({"format": "gsa-checkpoint/1", "x": _Payload()}, code)
-    with pytest.raises(GsaError, match=r"code.pt: refused: the file carries Python objects or code"):
-        load_checkpoint(code)
-
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(GsaError, match=r"truncated.pt: not a readable checkpoint"):
-        load_checkpoint(truncated)
-
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(pickle.dumps([1, 2]) + b"junk")
-    with pytest.raises(GsaError, match=r"garbage.pt: not a (readable|gsa) checkpoint"):
-        load_checkpoint(garbage)
-
-    other = tmp_path / "other.pt"
-    torch.save({"state_dict": {}}, other)
-    with pytest.raises(GsaError, match=r"other.pt: not a gsa checkpoint"):
-        load_checkpoint(other)
-
-    with pytest.raises(GsaError, match=r"missing.pt: no such checkpoint"):
-        load_checkpoint(tmp_path / "missing.pt")
+def test_batch_mixing_is_none_without_alphas_and_mixes_to_class_probabilities() -> None:
+    plain = load_preset("smoke", overrides=["recipe.mixup_alpha=0", "recipe.cutmix_alpha=0"]).recipe
+    assert batch_mixing(plain, num_classes=10) is None
+    recipe = load_preset("smoke", overrides=["recipe.mixup_alpha=0.2", "recipe.cutmix_alpha=1.0"]).recipe
+    mixing = batch_mixing(recipe, num_classes=10)
+    assert mixing is not None
+    images, labels = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    mixed, targets = mixing(images, labels)
+    assert mixed.shape == images.shape
+    assert targets.shape == (4, 10)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(4))

@@ -1,0 +1,362 @@
+"""The checkpoint of a run: what is saved, why, and how it is read back.
+
+A run writes ``last.pt`` after every epoch (and where a signal stopped it) and copies it to ``best.pt``
+after its best epoch. Each is one torch file holding a dict in the format ``gsa-checkpoint/1``, and
+:class:`Checkpoint` is that dict's one typed view; nothing else in the package reads its keys. It
+holds, so that ``gsa train --resume`` continues exactly where the run left off and ``gsa eval``
+repeats the run's own evaluation:
+
+- **what was trained**: the preset's name and the resolved config as YAML. The config itself, not a
+  reference to its preset, so that a preset edited later changes neither a resumed run nor its
+  evaluation.
+- **the weights**: the model's state dict and, when the recipe keeps one, the EMA's (the weights the
+  run evaluated, and ``gsa eval``'s default).
+- **the recipe's state**: optimizer, learning-rate schedule and gradient scaler (empty unless fp16),
+  so that the next update is the one an uninterrupted run would have made.
+- **where the run stands**: epochs finished; batches done of the next one and their running sums
+  (``partial``), when a signal stopped it part-way, so that the epoch's metrics still cover the whole
+  epoch; optimizer updates; the best epoch so far; the top-1 of the weights just evaluated (EMA
+  when there is one), which ``gsa eval`` compares its own against.
+- **every rank's random state** (Python's, torch's CPU and CUDA generators), so that a resumed run
+  draws the same augmentations; restored only when the world size is the same.
+- **how it computed**: precision and memory layout, which change the numbers, so a resume and an
+  evaluation use the ones the run trained with; and its wall time and start, so that the run's
+  summary counts all of its sessions.
+
+Reading a file is safe and strict. :meth:`Checkpoint.load` uses ``torch.load(weights_only=True)``:
+tensors and plain containers only, never code. Then every key is checked: a missing or ill-typed
+one is refused with one line that names the file and the key, never a ``KeyError`` later on. Keys
+the record does not know are ignored. The keys and their value types are the format: changing them
+means a new format name, so that files written by earlier versions keep loading.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import shutil
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import yaml
+from torch import Tensor
+
+from gsa_cli.config import Config
+from gsa_cli.errors import GsaError
+from gsa_cli.presets import resolve_config
+from gsa_cli.results import atomic_path
+from gsa_cli.runtime import Precision
+from gsa_cli.train.distributed import World
+
+CHECKPOINT_FORMAT = "gsa-checkpoint/1"
+
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The record and its parts.
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best epoch so far by validation top-1 (all None before the first epoch ends)."""
+
+    top1: float | None = None
+    top5: float | None = None
+    epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class PartialEpoch:
+    """The running sums of an epoch stopped part-way, summed over ranks (the loop's ``Totals``)."""
+
+    loss_sum: float
+    top1: float  # correct counts
+    top5: float
+    count: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainedWith:
+    """The numerics the run trained with, which a resume and an evaluation keep."""
+
+    precision: Precision
+    channels_last: bool
+
+
+@dataclass(frozen=True, eq=False)
+class RngState:
+    """One rank's random generators: Python's ``random``, torch's CPU and CUDA generators."""
+
+    python: tuple[Any, ...]  # random.getstate(): (version, internal state, gauss)
+    torch: Tensor
+    cuda: tuple[Tensor, ...]  # one per device; empty without CUDA
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A run's checkpoint: the fields of a ``gsa-checkpoint/1`` file (see the module's docstring)."""
+
+    preset: str
+    config_yaml: str
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor] | None
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    epoch: int  # epochs finished
+    batches_done: int  # of the next epoch, when stopped part-way
+    partial: PartialEpoch | None  # that epoch's sums so far
+    step: int  # optimizer updates done
+    best: Best
+    val_top1: float | None  # of the weights evaluated last (the EMA's when there is one)
+    rng: tuple[RngState, ...]  # in rank order
+    world_size: int
+    options: TrainedWith
+    wall_time_s: float  # of every session so far
+    started: str  # ISO time of the run's first session
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's dict: plain values only, as ``torch.load(weights_only=True)`` reads them."""
+        payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT}
+        payload.update({field.name: getattr(self, field.name) for field in fields(self)})
+        payload["partial"] = _plain(self.partial) if self.partial is not None else None
+        payload["best"] = _plain(self.best)
+        payload["rng"] = [
+            {"python": state.python, "torch": state.torch, "cuda": list(state.cuda)} for state in self.rng
+        ]
+        payload["options"] = {
+            "precision": self.options.precision.value,
+            "channels_last": self.options.channels_last,
+        }
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any], path: Path) -> Checkpoint:
+        """The record of a checkpoint file's dict.
+
+        Raises:
+            GsaError: naming ``path`` and the first key that is missing or of the wrong type.
+        """
+        read = _Reader(payload, path)
+        partial = read.optional("partial", dict, "a dict")
+        return cls(
+            preset=read.take("preset", str, "a string"),
+            config_yaml=read.take("config_yaml", str, "a string"),
+            model=read.state_dict("model"),
+            ema=read.state_dict("ema") if read.optional("ema", dict, "a dict") is not None else None,
+            optimizer=read.take("optimizer", dict, "a dict"),
+            scheduler=read.take("scheduler", dict, "a dict"),
+            scaler=read.take("scaler", dict, "a dict"),
+            epoch=read.integer("epoch"),
+            batches_done=read.integer("batches_done"),
+            partial=None if partial is None else _partial(read.nested("partial")),
+            step=read.integer("step"),
+            best=_best(read.nested("best")),
+            val_top1=read.optional_number("val_top1"),
+            rng=_rng(read),
+            world_size=read.integer("world_size"),
+            options=_trained_with(read.nested("options")),
+            wall_time_s=read.number("wall_time_s"),
+            started=read.take("started", str, "a string"),
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the file atomically: to a temporary file beside ``path``, then renamed over it."""
+        with atomic_path(path) as tmp:
+            torch.save(self.to_dict(), tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code.
+
+        Raises:
+            GsaError: for a missing file, one that carries Python objects (refused, not run), one that
+                is truncated, corrupt or not a gsa checkpoint, or one whose keys are missing or
+                ill-typed.
+        """
+        payload = _read_file(path)
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise GsaError(f"{path}: not a gsa checkpoint (expected one written by gsa train)")
+        return cls.from_dict(payload, path)
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy a checkpoint file atomically (``best.pt`` is the best epoch's ``last.pt``, byte for byte)."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def config_from_checkpoint(checkpoint: Checkpoint, source: Path) -> Config:
+    """The config a checkpoint was trained with, checked as a preset is (``source`` names the file).
+
+    Raises:
+        ConfigError: if the saved config no longer resolves.
+        GsaError: if it is not YAML.
+    """
+    try:
+        raw = yaml.safe_load(checkpoint.config_yaml)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GsaError(f"{source}: not a usable checkpoint: config_yaml is not YAML ({first})") from None
+    return resolve_config(raw, name=checkpoint.preset, source=f"{source} (its saved config)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random state.
+
+
+def _rng_state() -> RngState:
+    return RngState(
+        python=random.getstate(),
+        torch=torch.get_rng_state(),
+        cuda=tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else (),
+    )
+
+
+def capture_rng(world: World) -> tuple[RngState, ...]:
+    """Every rank's random state, in rank order, on every rank (a collective under DDP)."""
+    state = _rng_state()
+    if not world.distributed:
+        return (state,)
+    states: list[Any] = [None] * world.world_size
+    torch.distributed.all_gather_object(states, state)
+    return tuple(states)
+
+
+def restore_rng(state: RngState) -> None:
+    """Set this process's generators to ``state`` (CUDA's only where there is CUDA)."""
+    version, internal, gauss = state.python
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state.torch)
+    if state.cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state.cuda))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the file and checking its keys.
+
+
+def _read_file(path: Path) -> Any:
+    if not path.is_file():
+        raise GsaError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():  # a class or function to import and call
+            raise GsaError(
+                f"{path}: refused: the file carries Python objects or code, and checkpoints are only "
+                "loaded as plain tensors and data (weights_only); do not load files you do not trust"
+            ) from None
+        raise GsaError(f"{path}: not a readable checkpoint (corrupt or not a torch file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GsaError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+
+
+class _Reader:
+    """Typed reads of one dict of a checkpoint file; ``prefix`` dots the key of a nested dict."""
+
+    def __init__(self, payload: Mapping[str, Any], path: Path, prefix: str = "") -> None:
+        self.payload = payload
+        self.path = path
+        self.prefix = prefix
+
+    def error(self, key: str, problem: str) -> GsaError:
+        return GsaError(f"{self.path}: not a usable gsa checkpoint: {self.prefix}{key} {problem}")
+
+    def value(self, key: str) -> Any:
+        if key not in self.payload:
+            raise self.error(key, "is missing")
+        return self.payload[key]
+
+    def optional(self, key: str, kind: type[_T], expected: str) -> _T | None:
+        value = self.value(key)
+        if value is not None and not isinstance(value, kind):
+            raise self.error(key, f"should be {expected} or None, got {type(value).__name__}")
+        return value
+
+    def take(self, key: str, kind: type[_T], expected: str) -> _T:
+        value = self.value(key)
+        if not isinstance(value, kind):
+            raise self.error(key, f"should be {expected}, got {type(value).__name__}")
+        return value
+
+    def integer(self, key: str) -> int:
+        value = self.value(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.error(key, f"should be an integer, got {_kind(value)}")
+        return value
+
+    def optional_integer(self, key: str) -> int | None:
+        return None if self.value(key) is None else self.integer(key)
+
+    def number(self, key: str) -> float:
+        value = self.value(key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.error(key, f"should be a number, got {_kind(value)}")
+        return float(value)
+
+    def optional_number(self, key: str) -> float | None:
+        return None if self.value(key) is None else self.number(key)
+
+    def nested(self, key: str) -> _Reader:
+        return _Reader(self.take(key, dict, "a dict"), self.path, f"{self.prefix}{key}.")
+
+    def state_dict(self, key: str) -> dict[str, Tensor]:
+        state = self.take(key, dict, "a dict")
+        for name, value in state.items():
+            if not isinstance(value, Tensor):
+                raise self.error(f"{key}.{name}", f"should be a tensor, got {_kind(value)}")
+        return state
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _plain(record: Best | PartialEpoch) -> dict[str, Any]:
+    return {field.name: getattr(record, field.name) for field in fields(record)}
+
+
+def _best(read: _Reader) -> Best:
+    return Best(
+        top1=read.optional_number("top1"),
+        top5=read.optional_number("top5"),
+        epoch=read.optional_integer("epoch"),
+    )
+
+
+def _partial(read: _Reader) -> PartialEpoch:
+    sums = {field.name: read.number(field.name) for field in fields(PartialEpoch)}
+    return PartialEpoch(**sums)
+
+
+def _trained_with(read: _Reader) -> TrainedWith:
+    precision = read.take("precision", str, "a string")
+    if precision not in {p.value for p in Precision}:
+        choices = ", ".join(p.value for p in Precision)
+        raise read.error("precision", f"should be one of {choices}, got {precision!r}")
+    return TrainedWith(Precision(precision), read.take("channels_last", bool, "true or false"))
+
+
+def _rng(read: _Reader) -> tuple[RngState, ...]:
+    states = read.take("rng", list, "a list")
+    result = []
+    for rank, state in enumerate(states):
+        if not isinstance(state, dict):
+            raise read.error(f"rng[{rank}]", f"should be a dict, got {_kind(state)}")
+        rank_read = _Reader(state, read.path, f"rng[{rank}].")
+        python = rank_read.value("python")
+        if not isinstance(python, tuple | list) or len(python) != 3:
+            raise rank_read.error("python", "should be the 3 values of random.getstate()")
+        cuda = rank_read.take("cuda", list, "a list")
+        if not all(isinstance(generator, Tensor) for generator in cuda):
+            raise rank_read.error("cuda", "should be a list of tensors")
+        result.append(RngState(tuple(python), rank_read.take("torch", Tensor, "a tensor"), tuple(cuda)))
+    return tuple(result)
