@@ -3,11 +3,13 @@
 For each stage shape (56x56x64, 28x28x128, 14x14x256, 7x7x512 at 224 px) and each implementation:
 
 - ``gsa``: ``gsa_cli.models.GlobalSelfAttention2d`` (the project's module);
-- ``einsum``: the obvious implementation of the same equations, written here: the relative tables laid
-  out per (query, key) pair by one gather, then one einsum for the logits and one for the sum, with
-  autograd storing the logits (the baseline of the speed targets);
+- ``einsum``: the module's reference implementation, ``GlobalSelfAttention2d(implementation="reference")``:
+  the obvious form of the same equations, the relative tables laid out per (query, key) pair by one
+  gather, then one einsum for the logits and one for the sum, with autograd storing the logits (the
+  baseline of the speed targets);
 - ``onehot``: as the only public implementation does it: relative logits against all ``2L-1`` offsets,
-  moved to absolute positions by an einsum with a one-hot ``(S, S, 2L-1)`` tensor built on every call;
+  moved to absolute positions by an einsum with a one-hot ``(S, S, 2L-1)`` tensor built on every call
+  (the content branch is the reference's);
 - ``conv3x3``: the 3x3 convolution that GSA replaces;
 - ``qkv1x1``: the 1x1 projection to queries, keys and values alone, which ``gsa``, ``einsum`` and
   ``onehot`` all run first: the floor under their times;
@@ -20,10 +22,13 @@ Time: median and interquartile range over ``--iters`` timed iterations after ``-
 synchronised, of the forward pass (``torch.inference_mode``, eval) and of forward+backward (train
 mode, a sum of the outputs as the loss, input gradients included). Peak memory, of the second
 forward+backward in a fresh process (the first one, whose gradients are then dropped, pays the
-one-time allocations of kernel caches and thread pools): on CUDA ``torch.cuda.max_memory_allocated``
-minus the memory held before; on CPU the rise of the process's peak resident set (``VmHWM``, reset
-through ``/proc/self/clear_refs``) over its resident set before, with glibc's mmap threshold fixed so
-that freed tensors leave the resident set.
+one-time allocations of kernel caches and thread pools), measured by ``gsa_cli.bench.timers.peak_memory``
+(which also times ``gsa profile``): on CUDA ``torch.cuda.max_memory_allocated`` minus the memory held
+before; on CPU the rise of the process's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs`` after a ``gc.collect`` and ``malloc_trim``) over its resident set before, with
+glibc's mmap threshold fixed so that freed tensors leave the resident set. Timed with
+``gsa_cli.bench.timers.time_steps``; ``cpu_wait_pct`` is the most any of an implementation's timing
+processes competed for the CPUs (``gsa_cli.bench.timers.cpu_wait``, Linux PSI): near 0 on an idle machine.
 
 With ``--precision bf16`` (or ``fp16``) every implementation runs under autocast with float32
 weights, as ``gsa train --precision`` does; ``--channels-last`` gives the module and its input the
@@ -44,7 +49,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,21 +59,23 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gsa_cli.bench.timers import cpu_wait, peak_memory, time_steps  # noqa: E402
 from gsa_cli.models.full import FullSelfAttention2d  # noqa: E402
-from gsa_cli.models.gsa import GlobalSelfAttention2d, relative_index  # noqa: E402
+from gsa_cli.models.gsa import GlobalSelfAttention2d, content_attention, relative_index  # noqa: E402
 from gsa_cli.runtime import Precision, autocast, device_name, synchronize  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 IMPLEMENTATIONS = ["gsa", "einsum", "onehot", "conv3x3", "qkv1x1", "dense"]
 
 
-class EinsumGSA(nn.Module):
-    """GSA straight from the equations with einsum; autograd keeps the logits for backward."""
+class OneHotGSA(nn.Module):
+    """GSA with the positional branch as the only public implementation writes it: relative logits
+    against every offset, moved to absolute positions by a one-hot tensor built on every call; the
+    content branch is the module's reference. Autograd keeps the logits for backward."""
 
-    def __init__(self, channels: int, heads: int, span: int, *, onehot: bool) -> None:
+    def __init__(self, channels: int, heads: int, span: int) -> None:
         super().__init__()
         self.reference = GlobalSelfAttention2d(channels, channels, heads=heads, span=span)
-        self.onehot = onehot
 
     def _axial(self, q: Tensor, v: Tensor, table: Tensor) -> Tensor:
         """One pass along the third axis of ``q (B, h, d, A, O)`` and ``v (B, h, c, A, O)``."""
@@ -77,15 +83,10 @@ class EinsumGSA(nn.Module):
         size, span = q.shape[3], module.span
         per_head = table.unflatten(-1, (module.heads, -1))  # (2L-1, h, d)
         index = relative_index(size, span, device=q.device)  # (a, i)
-        if self.onehot:
-            # Relative logits for every offset, then a per-call one-hot (S, S, 2L-1) re-indexing.
-            relative = torch.einsum("Bhdab,rhd->Bhabr", q, per_head)
-            onehot = F.one_hot(index, 2 * span).to(q.dtype)[..., : 2 * span - 1]  # (a, i, r)
-            logits = torch.einsum("Bhabr,air->Bhabi", relative, onehot)
-        else:
-            pairs = F.pad(per_head, (0, 0, 0, 0, 0, 1))[index]  # (a, i, h, d), zero beyond the span
-            logits = torch.einsum("Bhdab,aihd->Bhabi", q, pairs)
-        return torch.einsum("Bhabi,Bhcib->Bhcab", logits, v)
+        relative = torch.einsum("Bhdab,rhd->Bhabr", q, per_head)  # (B, h, a, O, 2L-1)
+        onehot = F.one_hot(index, 2 * span).to(q.dtype)[..., : 2 * span - 1]  # (a, i, r)
+        logits = torch.einsum("Bhabr,air->Bhabi", relative, onehot)  # (B, h, a, O, i)
+        return torch.einsum("Bhabi,Bhcib->Bhcab", logits, v)  # (B, h, c, a, O)
 
     def forward(self, x: Tensor) -> Tensor:
         module = self.reference
@@ -93,20 +94,20 @@ class EinsumGSA(nn.Module):
         dk, dv = module.key_channels, module.out_channels
         q, k, v = module.qkv(x).split((dk, dk, dv), dim=1)
         q, k, v = (t.unflatten(1, (module.heads, -1)) for t in (q, k, v))  # (B, h, d, H, W)
-        keys = k.flatten(3).softmax(dim=-1)
-        context = torch.einsum("Bhdn,Bhcn->Bhdc", keys, v.flatten(3))
-        content = torch.einsum("Bhdc,Bhdn->Bhcn", context, q.flatten(3)).unflatten(-1, (height, width))
+        content = content_attention(q.flatten(3), k.flatten(3), v.flatten(3), query_softmax=False)
         y = self._axial(q, v, module.rel_col)  # column pass
         y = module.bn(y.reshape(batch, dv, height, width)).unflatten(1, (module.heads, -1))
         positional = self._axial(q.transpose(-1, -2), y.transpose(-1, -2), module.rel_row).transpose(-1, -2)
-        return (content + positional).reshape(batch, dv, height, width)
+        return (content.unflatten(-1, (height, width)) + positional).reshape(batch, dv, height, width)
 
 
 def build(name: str, channels: int, size: int, heads: int) -> nn.Module:
     if name == "gsa":
         return GlobalSelfAttention2d(channels, channels, heads=heads, span=size)
-    if name in ("einsum", "onehot"):
-        return EinsumGSA(channels, heads, size, onehot=name == "onehot")
+    if name == "einsum":
+        return GlobalSelfAttention2d(channels, channels, heads=heads, span=size, implementation="reference")
+    if name == "onehot":
+        return OneHotGSA(channels, heads, size)
     if name == "conv3x3":
         return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     if name == "qkv1x1":
@@ -116,30 +117,18 @@ def build(name: str, channels: int, size: int, heads: int) -> nn.Module:
     raise ValueError(name)
 
 
-def _timed(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _summary(times: list[float]) -> tuple[float, float]:
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3
 
 
-def _status_kib(field: str) -> int:
+def _resident_kib() -> int:
+    """The process's resident set size, in KiB."""
     with open("/proc/self/status", encoding="utf-8") as status:
         for line in status:
-            if line.startswith(field):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise RuntimeError("VmRSS not in /proc/self/status")
 
 
 def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> dict[str, object]:
@@ -174,28 +163,26 @@ def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> di
         train_step()
         module.zero_grad(set_to_none=True)
         x.grad = None
-        if device.type == "cuda":
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
+        synchronize(device)
+        with peak_memory(device) as peak:  # the peak is reset to what is held now
+            before = (
+                torch.cuda.memory_allocated(device) / 2**20
+                if device.type == "cuda"
+                else _resident_kib() / 1024
+            )
             train_step()
             synchronize(device)
-            row["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        else:
-            with open("/proc/self/clear_refs", "w", encoding="utf-8") as refs:
-                refs.write("5")  # reset the peak resident set to the current one
-            before = _status_kib("VmRSS")
-            train_step()
-            row["peak_mem_mib"] = (_status_kib("VmHWM") - before) / 1024
+        row["peak_mem_mib"] = peak[0] - before
         return row
 
-    module.eval()
-    with torch.inference_mode():
-        forward_times = _timed(forward, device, args.warmup, args.iters)
-    module.train()
-    x.requires_grad_(True)
-    row["fwd_times"] = forward_times
-    row["fwd_bwd_times"] = _timed(train_step, device, args.warmup, args.iters)
+    with cpu_wait() as wait:
+        module.eval()
+        with torch.inference_mode():
+            row["fwd_times"] = time_steps(forward, device=device, warmup=args.warmup, iters=args.iters)
+        module.train()
+        x.requires_grad_(True)
+        row["fwd_bwd_times"] = time_steps(train_step, device=device, warmup=args.warmup, iters=args.iters)
+    row["cpu_wait_pct"] = wait[0] if wait else None
     return row
 
 
@@ -283,6 +270,8 @@ def main() -> None:
                 for key in ("fwd", "fwd_bwd"):
                     pooled = [sec for t in timings[name] for sec in t[f"{key}_times"]]  # type: ignore[attr-defined]
                     row[f"{key}_ms"], row[f"{key}_iqr_ms"] = _summary(pooled)
+                waits = [float(t["cpu_wait_pct"]) for t in timings[name] if t.get("cpu_wait_pct") is not None]  # type: ignore[arg-type]
+                row["cpu_wait_pct"] = max(waits) if waits else None
             memory = _in_child(name, size, channels, args, memory=True)
             row.update({k: v for k, v in memory.items() if k not in row})
             rows.append(row)

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+from gsa_cli.models import GlobalSelfAttention2d
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,17 +28,25 @@ def _load_benchmark() -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("onehot", [False, True], ids=["einsum", "onehot"])
 @pytest.mark.parametrize("span", [3, 9], ids=["span 3", "global"])
-def test_einsum_baselines_match_the_module(onehot: bool, span: int) -> None:
+def test_onehot_baseline_matches_the_module(span: int) -> None:
     bench = _load_benchmark()
     torch.manual_seed(0)
-    baseline = bench.EinsumGSA(8, 2, span, onehot=onehot).double().eval()
+    baseline = bench.OneHotGSA(8, 2, span).double().eval()
     with torch.no_grad():
         baseline.reference.bn.running_mean.uniform_(-1, 1)
         baseline.reference.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
     torch.testing.assert_close(baseline(x), baseline.reference(x))
+
+
+def test_einsum_baseline_is_the_module_reference_and_gsa_its_default() -> None:
+    bench = _load_benchmark()
+    einsum, gsa = bench.build("einsum", 8, 7, 2), bench.build("gsa", 8, 7, 2)
+    assert isinstance(einsum, GlobalSelfAttention2d)
+    assert isinstance(gsa, GlobalSelfAttention2d)
+    assert (einsum.implementation, gsa.implementation) == ("reference", "auto")
+    assert einsum.span == gsa.span == 7
 
 
 def test_benchmark_runs_every_implementation_under_bf16_autocast_channels_last(tmp_path: Path) -> None:
@@ -53,6 +63,7 @@ def test_benchmark_runs_every_implementation_under_bf16_autocast_channels_last(t
     assert (table["out_dtype"] == "bfloat16").all()  # the workers ran under autocast
     assert (table[["fwd_ms", "fwd_bwd_ms", "peak_mem_mib"]] > 0).all().all()
     assert table.loc["einsum", "fwd_bwd_ms_vs_einsum"] == 1.0
+    assert "cpu_wait_pct" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
