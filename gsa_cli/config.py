@@ -246,7 +246,12 @@ def _validate_longrange(data: DataConfig) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    data, model, recipe = cfg.data, cfg.model, cfg.recipe
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_recipe(cfg.recipe)
+
+
+def _validate_data(data: DataConfig) -> None:
     if data.img_size < 1:
         raise _InvalidKeyError("data.img_size", f"must be at least 1, got {data.img_size}")
     if data.num_classes < 2:
@@ -262,6 +267,8 @@ def _validate(cfg: Config) -> None:
             )
     _validate_longrange(data)
 
+
+def _validate_model(model: ModelConfig) -> None:
     if model.layers is not None:
         if model.depth is not None:
             raise _InvalidKeyError("model.depth", "give either depth or layers, not both (set depth: null)")
@@ -301,6 +308,8 @@ def _validate(cfg: Config) -> None:
     if not (model.content or model.positional):
         raise _InvalidKeyError("model.content", "content and positional cannot both be false")
 
+
+def _validate_recipe(recipe: RecipeConfig) -> None:
     if recipe.epochs < 1:
         raise _InvalidKeyError("recipe.epochs", f"must be at least 1, got {recipe.epochs}")
     if recipe.batch_size < 1:
