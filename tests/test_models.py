@@ -10,6 +10,7 @@ from gsa_cli import build_model, load_preset
 from gsa_cli.config import GsaImplementation
 from gsa_cli.errors import ConfigError
 from gsa_cli.models import GlobalSelfAttention2d
+from gsa_cli.models.gsa import IMPLEMENTATIONS
 from gsa_cli.presets import count_parameters, preset_names
 
 
@@ -79,6 +80,7 @@ def test_gsa_implementation_reaches_every_module(implementation: str) -> None:
 
 def test_gsa_implementation_is_auto_by_default_and_checked() -> None:
     assert load_preset("cifar26").model.gsa_impl is GsaImplementation.AUTO
+    assert [choice.value for choice in GsaImplementation] == list(IMPLEMENTATIONS)  # the module's keyword
     with pytest.raises(ConfigError, match=r"model\.gsa_impl"):
         load_preset("cifar26", overrides=["model.gsa_impl=fast"])
 

@@ -1,21 +1,19 @@
 """The global self-attention (GSA) module of Shen et al., "Global Self-Attention Networks".
 
-``shared/spec/GSA.md`` section 1, read top to bottom: a 1x1 projection to queries, keys and values; the
-content branch (linear attention, the keys softmaxed over positions; spec 1.1); the positional branch
-(relative-position attention along each column, batch norm, then along each row; spec 1.2); their sum,
-then a 2x2 average pool when ``stride == 2`` (spec 1.3). The two branches are written below as plain
-einsums, the definition: :func:`content_attention` and :func:`axial_attention`.
+``shared/spec/GSA.md`` section 1, top to bottom: a 1x1 projection to queries, keys and values; the
+content branch (spec 1.1) and the positional branch (spec 1.2: along each column, batch norm, along each
+row), written as plain einsums, :func:`content_attention` and :func:`axial_attention`; their sum, then a
+2x2 average pool when ``stride == 2`` (spec 1.3): :class:`GlobalSelfAttention2d`.
 
-Implementations (the ``implementation`` keyword). ``"reference"`` runs those einsums, with autograd
-keeping the logits. ``"gemm"`` runs :mod:`gsa_cli.models.gsa_kernels`: the same arithmetic as batched
-GEMMs in hand-written autograd functions that keep nothing of the logits' size for backward and form
-it again there. ``"auto"`` (the default) picks the fastest for the device: ``"gemm"`` on every device
-today. They are equivalent: tests hold them equal in float64, forward and backward. Measured on CPU
-(``benchmarks/README.md``, ``bench_gsa.py``, rows ``gsa`` against ``einsum``, the reference's form: a
-2-core AMD EPYC VM, fp32, batch 8, 8 heads), gemm's forward+backward time / peak memory against the
-reference's, at GSA-ResNet-50's stage shapes: 56x56x64 105 / 303 ms (0.35x), 57 / 217 MiB (0.26x);
-28x28x128 0.79x, 0.46x; 14x14x256 0.85x, 0.57x; 7x7x512 1.09x (within that VM's noise), 0.71x. No GPU
-comparison is recorded yet.
+Implementations (its ``implementation`` keyword), equivalent: tests hold them equal in float64, forward
+and backward. ``"reference"`` runs the einsums below, autograd keeping the logits. ``"gemm"`` runs
+:mod:`gsa_cli.models.gsa_kernels`, batched GEMMs in autograd functions that keep nothing of the logits'
+size and form it again in backward. ``"auto"`` (default) picks the fastest for the device: ``"gemm"``
+everywhere today. Measured on CPU (``benchmarks/README.md``: ``bench_gsa.py`` rows ``gsa`` against
+``einsum``, the reference's form; 2-core AMD EPYC VM, fp32, batch 8, 8 heads), gemm's forward+backward
+time and peak memory as a fraction of the reference's: 56x56x64 0.35 (105 against 303 ms) and 0.26 (57
+against 217 MiB); 28x28x128 0.79 and 0.46; 14x14x256 0.85 and 0.57; 7x7x512 1.09 (0.82 and 0.89 in two
+earlier runs) and 0.71. No GPU comparison is recorded yet.
 """
 
 from __future__ import annotations
