@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from gsa_cli.bench import profile as profiling
+from gsa_cli.bench.breakdown import module_shares, operator_shares
 from gsa_cli.bench.macs import count_macs
 from gsa_cli.bench.profile import ProfileSettings, Timing, profile
 from gsa_cli.choices import MacCounter, Mode
 from gsa_cli.errors import ConfigError
 from gsa_cli.models import build_model
 from gsa_cli.presets import load_preset
-from gsa_cli.report.profile import rows_frame, summary_frame
+from gsa_cli.report.profile import module_frame, operator_frame, rows_frame, summary_frame
 from gsa_cli.runtime import Precision
 
 FAST: dict[str, Any] = {"warmup": 0, "iters": 2, "device": "cpu"}
@@ -192,3 +193,26 @@ def test_spatial_macs_are_the_3x3_convolutions_of_a_conv_net() -> None:
     expected = sum((16 >> s) ** 2 * (8 << s) ** 2 * 9 for s in range(4))
     assert expected == 4 * 147_456
     assert profiling.spatial_macs(count_macs(model, img_size=16)) == expected
+
+
+@pytest.mark.parametrize("counter", list(MacCounter))
+def test_breakdowns_follow_the_model_and_add_up_to_the_total(counter: MacCounter) -> None:
+    model = build_model(load_preset("smoke", model="gsa"))
+    params = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_modules()}
+    count = count_macs(model, img_size=16, counter=counter)
+    shares = module_shares(count, params, depth=1)
+    assert shares[0].module == "(model)"
+    assert shares[0].share_pct == pytest.approx(100)
+    names = [share.module for share in shares[1:]]
+    assert names == [name for name in params if name in names]  # the model's order, whatever the counter's
+    assert {"conv1", "layer1", "layer4", "fc"} <= set(names)
+    assert sum(share.gmacs for share in shares[1:]) == pytest.approx(count.total / 1e9)  # the children
+    if counter is MacCounter.FVCORE:  # FlopCounterMode leaves out modules without products (bn1)
+        assert sum(share.params for share in shares[1:]) == params[""]
+    operators = operator_shares(count)
+    assert [op.g for op in operators] == sorted((op.g for op in operators), reverse=True)
+    counted = [op for op in operators if op.share_pct is not None]
+    assert sum(op.share_pct or 0 for op in counted) == pytest.approx(100)
+    assert all(op.kind.startswith("elementwise") for op in operators if op.share_pct is None)
+    assert list(module_frame(shares).columns) == ["module", "params", "gmacs", "share_pct"]
+    assert list(operator_frame(operators).columns) == ["operator", "kind", "G", "share of GMACs %"]

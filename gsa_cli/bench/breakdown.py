@@ -33,10 +33,14 @@ class OperatorShare:
 
 
 def module_shares(count: MacCount, params: dict[str, int], *, depth: int = 2) -> list[ModuleShare]:
-    """Per-module parameters and MACs down to ``depth`` levels of module names (``layer1.0`` is 2)."""
+    """Per-module parameters and MACs down to ``depth`` levels of module names (``layer1.0`` is 2).
+
+    In the model's order (that of ``params``, from ``named_modules``), whatever order the counter kept.
+    """
     total = count.total or 1
+    order = {name: position for position, name in enumerate(params)}
     shares = []
-    for name, macs in count.by_module.items():
+    for name, macs in sorted(count.by_module.items(), key=lambda item: order.get(item[0], len(order))):
         if name and name.count(".") >= depth:
             continue
         if name and macs == 0 and params.get(name, 0) == 0:
