@@ -11,7 +11,9 @@ on both), stages inside each process in turn; each process measures one stage:
   train mode with a sum as the loss (input gradients included); medians over ``--iters`` steps after
   ``--warmup``, pooled over the pairs.
 - ``peak_mib``: the rise of the process's peak resident set over the second forward+backward (the
-  first pays one-time allocations), glibc's mmap threshold fixed so that freed tensors leave it.
+  first pays one-time allocations), in a process of its own with glibc's mmap threshold fixed so that
+  freed tensors leave the resident set (which slows large allocations: the timed processes keep
+  glibc's defaults).
 - ``cpu_wait_pct``: the share of the timed wall time during which some task waited for a CPU (Linux
   PSI): near 0 on a quiet machine.
 
@@ -74,30 +76,35 @@ def worker(tree: Path, stage: int, args: argparse.Namespace) -> dict[str, Any]:
         x.grad = None
 
     module.train()
-    train_step()  # one-time allocations
-    with timers.peak_memory(cpu) as peak:
-        before = timers._read_status_kib("VmRSS") / 1024
-        train_step()
+    if args.memory:  # a process of its own: the mmap threshold it needs slows the timed steps
+        train_step()  # one-time allocations
+        with timers.peak_memory(cpu) as peak:
+            before = timers._read_status_kib("VmRSS") / 1024
+            train_step()
+        return {"peak_mib": peak[0] - before}
     with timers.cpu_wait() as wait:
         fwd_bwd = timers.time_steps(train_step, device=cpu, warmup=args.warmup, iters=args.iters)
         module.eval()
         fwd = timers.time_steps(forward, device=cpu, warmup=args.warmup, iters=args.iters)
-    return {
-        "fwd_s": fwd,
-        "fwd_bwd_s": fwd_bwd,
-        "peak_mib": peak[0] - before,
-        "cpu_wait_pct": wait[0] if wait else None,
-    }
+    return {"fwd_s": fwd, "fwd_bwd_s": fwd_bwd, "cpu_wait_pct": wait[0] if wait else None}
 
 
-def _child(tree: Path, stage: int, args: argparse.Namespace) -> dict[str, Any]:
+def _in_child(tree: Path, stage: int, args: argparse.Namespace, *, memory: bool) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", f"{tree},{stage}"]
     command += ["--batch", str(args.batch), "--heads", str(args.heads)]
     command += ["--warmup", str(args.warmup), "--iters", str(args.iters)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = dict(os.environ)
+    if memory:
+        command.append("--memory")
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors leave the resident set
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return parsed
+
+
+def _child(tree: Path, stage: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One stage of ``tree``'s module: timed in one fresh process, its memory measured in another."""
+    return {**_in_child(tree, stage, args, memory=False), **_in_child(tree, stage, args, memory=True)}
 
 
 def _rows(
@@ -131,6 +138,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         tree, stage = args.worker.rsplit(",", 1)

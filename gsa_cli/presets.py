@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,43 +112,3 @@ def load_preset(
         raw = apply_overrides(raw, [text])
         config = resolve_config(raw, name=name, source=f"--set {text}")
     return config
-
-
-@dataclass(frozen=True)
-class PresetSummary:
-    name: str
-    description: str
-    dataset: str
-    img_size: int
-    conv_params: int
-    gsa_params: int
-
-
-def count_parameters(config: Config) -> int:
-    """Parameters of the model ``config`` builds, counted on the meta device (nothing allocated)."""
-    import torch
-
-    from gsa_cli.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def preset_summaries() -> list[PresetSummary]:
-    """One summary per shipped preset, with the parameter counts of its conv and GSA models."""
-    rows = []
-    for name in preset_names():
-        gsa = load_preset(name, model=ModelKind.GSA)
-        conv = load_preset(name, model=ModelKind.CONV)
-        rows.append(
-            PresetSummary(
-                name=name,
-                description=gsa.description,
-                dataset=gsa.data.dataset.value,
-                img_size=gsa.data.img_size,
-                conv_params=count_parameters(conv),
-                gsa_params=count_parameters(gsa),
-            )
-        )
-    return rows

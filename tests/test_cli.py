@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from gsa_cli import load_preset
 from gsa_cli.cli.app import app
-from gsa_cli.presets import count_parameters, preset_names
+from gsa_cli.models import count_parameters
+from gsa_cli.presets import preset_names
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent

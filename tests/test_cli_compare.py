@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from gsa_cli.cli.app import app
 from gsa_cli.cli.options import split_inputs
 from gsa_cli.errors import ConfigError
-from gsa_cli.presets import count_parameters, load_preset
+from gsa_cli.models import count_parameters
+from gsa_cli.presets import load_preset
 from gsa_cli.report.compare import GMACS_COUNTED
 
 runner = CliRunner()

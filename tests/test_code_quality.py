@@ -79,7 +79,7 @@ FOUNDATIONS: dict[str, tuple[str, ...]] = {
     "gsa_cli.results": ("gsa_cli.choices",),
     "gsa_cli.runtime": ("gsa_cli.choices",),
     "gsa_cli.longrange": ("gsa_cli.config",),
-    "gsa_cli.presets": ("gsa_cli.config", "gsa_cli.longrange", "gsa_cli.models"),
+    "gsa_cli.presets": ("gsa_cli.config", "gsa_cli.longrange"),
     "gsa_cli.data": ("gsa_cli.config", "gsa_cli.choices", "gsa_cli.longrange"),
 }
 # Sideways reaches the layers' prefixes would allow but the layout forbids.

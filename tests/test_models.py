@@ -9,9 +9,9 @@ import torchvision
 from gsa_cli import build_model, load_preset
 from gsa_cli.config import GsaImplementation
 from gsa_cli.errors import ConfigError
-from gsa_cli.models import GlobalSelfAttention2d
+from gsa_cli.models import GlobalSelfAttention2d, count_parameters
 from gsa_cli.models.gsa import IMPLEMENTATIONS
-from gsa_cli.presets import count_parameters, preset_names
+from gsa_cli.presets import preset_names
 
 
 def test_conv_resnet50_has_torchvision_parameter_count() -> None:

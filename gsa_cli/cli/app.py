@@ -121,7 +121,7 @@ def presets_list(ctx: typer.Context) -> None:
     """List every preset with its data set and the parameter counts of its conv and GSA models."""
     if ctx.invoked_subcommand is not None:
         return
-    from gsa_cli.presets import preset_summaries
+    from gsa_cli.bench.params import preset_summaries
 
     render.presets(preset_summaries())
 

@@ -21,8 +21,8 @@ from rich.table import Table
 from gsa_cli.choices import OutputFormat
 
 if TYPE_CHECKING:
+    from gsa_cli.bench.params import PresetSummary
     from gsa_cli.bench.profile import ProfileResult
-    from gsa_cli.presets import PresetSummary
     from gsa_cli.report.compare import Comparison
     from gsa_cli.results import EvalReport, RunSummary
 

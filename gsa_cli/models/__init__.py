@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch import nn
 
 from gsa_cli.config import Config, ModelConfig, ModelKind
@@ -11,7 +12,14 @@ from gsa_cli.models.full import FullSelfAttention2d
 from gsa_cli.models.gsa import GlobalSelfAttention2d
 from gsa_cli.models.resnet import ResNet, SpatialFactory, conv3x3
 
-__all__ = ["FullSelfAttention2d", "GlobalSelfAttention2d", "ResNet", "build_model", "spatial_factory"]
+__all__ = [
+    "FullSelfAttention2d",
+    "GlobalSelfAttention2d",
+    "ResNet",
+    "build_model",
+    "count_parameters",
+    "spatial_factory",
+]
 
 
 def _gsa(model: ModelConfig, channels: int, stride: int, feature_size: int) -> nn.Module:
@@ -65,3 +73,10 @@ def build_model(config: Config) -> ResNet:
         img_size=config.data.img_size,
         zero_init_residual=model.zero_init_residual,
     )
+
+
+def count_parameters(config: Config) -> int:
+    """Parameters of the model ``config`` builds, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return sum(p.numel() for p in model.parameters())
