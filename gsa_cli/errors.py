@@ -1,7 +1,8 @@
 """The project's one error family.
 
-Library code raises these with a message a user can act on; ``cli.main`` turns them into one red line
-and an exit code (2 for usage and configuration errors, 1 for failures at run time).
+Library code raises these with a message a user can act on; the CLI (:mod:`gsa_cli.cli.app`) turns
+them into one red line and an exit code (2 for usage and configuration errors, 1 for failures at run
+time).
 """
 
 from __future__ import annotations
@@ -20,4 +21,4 @@ class ConfigError(GsaError):
 
 
 class DeprecatedKeyWarning(FutureWarning):
-    """A preset or override uses a key's old name; ``cli.main`` shows it as one line."""
+    """A preset or override uses a key's old name; the CLI shows it as one line."""

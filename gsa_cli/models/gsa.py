@@ -5,15 +5,13 @@ content branch (spec 1.1) and the positional branch (spec 1.2: along each column
 row), written as plain einsums, :func:`content_attention` and :func:`axial_attention`; their sum, then a
 2x2 average pool when ``stride == 2`` (spec 1.3): :class:`GlobalSelfAttention2d`.
 
-Implementations (its ``implementation`` keyword), equivalent: tests hold them equal in float64, forward
-and backward. ``"reference"`` runs the einsums below, autograd keeping the logits. ``"gemm"`` runs
-:mod:`gsa_cli.models.gsa_kernels`, batched GEMMs in autograd functions that keep nothing of the logits'
-size and form it again in backward. ``"auto"`` (default) picks the fastest for the device: ``"gemm"``
-everywhere today. Measured on CPU (``benchmarks/README.md``: ``bench_gsa.py`` rows ``gsa`` against
-``einsum``, the reference's form; 2-core AMD EPYC VM, fp32, batch 8, 8 heads), gemm's forward+backward
-time and peak memory as a fraction of the reference's: 56x56x64 0.35 (105 against 303 ms) and 0.26 (57
-against 217 MiB); 28x28x128 0.79 and 0.46; 14x14x256 0.85 and 0.57; 7x7x512 1.09 (0.82 and 0.89 in two
-earlier runs) and 0.71. No GPU comparison is recorded yet.
+Implementations (the ``implementation`` keyword) are equivalent: tests hold them equal in float64,
+forward and backward. ``"reference"`` runs the einsums below, autograd keeping the logits; ``"gemm"``
+(:mod:`gsa_cli.models.gsa_kernels`) runs batched GEMMs that never store the logits; ``"auto"``
+(default) picks the fastest for the device: ``"gemm"`` everywhere today. gemm's forward+backward time
+and peak memory as a fraction of the reference's (``benchmarks/README.md``, rows ``gsa`` against
+``einsum``; 2-core AMD EPYC VM, fp32, batch 8): 56x56x64 0.35 and 0.26, 28x28x128 0.79 and 0.46,
+14x14x256 0.85 and 0.57, 7x7x512 0.82-1.09 and 0.71. No GPU comparison is recorded yet.
 """
 
 from __future__ import annotations
@@ -80,9 +78,10 @@ def axial_attention(queries: Tensor, values: Tensor, pairs: Tensor, *, axis: Axi
     return torch.einsum(f"bh{query}i,bhc{key}->bhc{query}", logits, values)  # (B, h, c, H, W): sum_i
 
 
+# Each branch's implementations by name; "auto" is the fastest on every device measured (see the note).
 CONTENT = {"reference": content_attention, "gemm": content_attention_gemm}
 AXIAL = {"reference": axial_attention, "gemm": axial_attention_gemm}
-AUTO: Literal["gemm"] = "gemm"  # the fastest on every device measured (see the note above)
+CONTENT["auto"], AXIAL["auto"] = CONTENT["gemm"], AXIAL["gemm"]
 
 
 class GlobalSelfAttention2d(nn.Module):
@@ -167,10 +166,6 @@ class GlobalSelfAttention2d(nn.Module):
         relative-position bias tables; decay would pull the positional branch (no softmax) to zero."""
         return {"rel_col", "rel_row"} if self.positional else set()
 
-    def _chosen(self) -> str:
-        """The implementation that runs: ``"auto"`` resolved (see the module's note)."""
-        return AUTO if self.implementation == "auto" else self.implementation
-
     def _index(self, size: int, device: torch.device) -> Tensor:
         """The relative index for one axis length, built once per (size, device)."""
         if torch.compiler.is_compiling():
@@ -197,7 +192,7 @@ class GlobalSelfAttention2d(nn.Module):
     def _positional(self, q: Tensor, v: Tensor) -> Tensor:
         """Spec 1.2: column pass, batch norm over all ``C_out`` channels, row pass (same queries)."""
         batch, heads, dvh, height, width = v.shape
-        axial_pass = AXIAL[self._chosen()]
+        axial_pass = AXIAL[self.implementation]
         y = axial_pass(q, v, self._pairs(self.rel_col, height), axis="height")  # (B, h, c, H, W)
         y = self.bn(y.reshape(batch, heads * dvh, height, width))  # (B, C_out, H, W)
         y = y.view(batch, heads, dvh, height, width)  # (B, h, c, H, W)
@@ -213,7 +208,7 @@ class GlobalSelfAttention2d(nn.Module):
 
         out = None
         if self.content:
-            content_branch = CONTENT[self._chosen()]
+            content_branch = CONTENT[self.implementation]
             q_n, k_n, v_n = (t.flatten(-2) for t in (q, k, v))  # (B, h, d, N): the map's N = H*W positions
             out = content_branch(q_n, k_n, v_n, query_softmax=self.query_softmax)  # (B, h, dv/h, N)
             out = out.unflatten(-1, (height, width))  # (B, h, dv/h, H, W)
