@@ -27,6 +27,7 @@ from gsa_cli.train.checkpoint import (
     restore_rng,
 )
 from gsa_cli.train.distributed import World
+from gsa_cli.train.loop import SilentReporter
 from gsa_cli.train.recipe import ModelEma, build_optimizer, build_schedule, param_groups
 from gsa_cli.train.run import TrainOptions, train
 
@@ -123,29 +124,12 @@ def test_a_run_stopped_by_the_earlier_code_resumes(tmp_path: Path) -> None:
     run.create()
     run.write_config(payload["config_yaml"])
     write_old(run.last, payload)
-    summary = train(None, TrainOptions(resume=run.path, device="cpu"), reporter=_Quiet())
+    summary = train(None, TrainOptions(resume=run.path, device="cpu"), reporter=SilentReporter())
     assert (summary.status, summary.epochs_done) == ("finished", 1)
     finished = Checkpoint.load(run.last)
     assert (finished.epoch, finished.batches_done, finished.partial) == (1, 0, None)
     assert finished.step == 4  # the one update before the stop, and the epoch's 3 others
     assert finished.best.epoch == 1
-
-
-class _Quiet:
-    def start(self, phase: str, epoch: int, total: int, done: int) -> None:
-        pass
-
-    def update(self, done: int, stats: dict[str, float]) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-    def epoch_end(self, row: Any, epochs: int, best: bool) -> None:
-        pass
 
 
 @pytest.mark.parametrize(

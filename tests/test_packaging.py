@@ -50,8 +50,10 @@ def test_wheel_contains_every_preset(wheel: Path) -> None:
     assert "gsa_cli/models/gsa.py" in names
 
 
-def test_installed_wheel_loads_presets_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
-    env_dir = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The python of a fresh venv with the wheel installed (not editable)."""
+    env_dir = tmp_path_factory.mktemp("venv")
     # System site-packages provide the dependencies; the wheel's package in the venv comes first.
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -60,6 +62,12 @@ def test_installed_wheel_loads_presets_outside_the_checkout(wheel: Path, tmp_pat
         check=True,
         capture_output=True,
     )
+    return python
+
+
+def test_installed_wheel_loads_presets_outside_the_checkout(installed: Path, tmp_path: Path) -> None:
+    python = installed
+    env_dir = python.parent.parent
     script = (
         "import gsa_cli, gsa_cli.presets as p;"
         "print(gsa_cli.__file__); print(p.preset_dir()); print(p.load_preset('imagenet50').data.img_size)"
@@ -73,16 +81,8 @@ def test_installed_wheel_loads_presets_outside_the_checkout(wheel: Path, tmp_pat
     assert img_size == "224"
 
 
-def test_installed_wheel_imports_every_module_of_the_checkout(wheel: Path, tmp_path: Path) -> None:
+def test_installed_wheel_imports_every_module_of_the_checkout(installed: Path, tmp_path: Path) -> None:
     """Every subpackage is listed in pyproject.toml: each module of the checkout imports from the wheel."""
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-        check=True,
-        capture_output=True,
-    )
     modules = sorted(
         ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         for path in (ROOT / "gsa_cli").rglob("*.py")
@@ -97,7 +97,7 @@ def test_installed_wheel_imports_every_module_of_the_checkout(wheel: Path, tmp_p
         "print(len(sys.argv) - 1)\n"
     )
     result = subprocess.run(
-        [str(python), "-c", script, *modules], cwd=tmp_path, capture_output=True, text=True, check=False
+        [str(installed), "-c", script, *modules], cwd=tmp_path, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(len(modules))]
