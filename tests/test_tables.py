@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from rich.console import Console
 
 from gsa_cli.choices import OutputFormat
 from gsa_cli.errors import ConfigError
@@ -84,7 +86,16 @@ def test_an_unknown_suffix_is_refused_before_anything_is_written(frame: pd.DataF
 
 def test_rich_table_has_every_column_and_row(frame: pd.DataFrame) -> None:
     table = tables.rich_table(frame, title="t")
-    assert [c.header for c in table.columns] == list(frame.columns)
+    assert [str(c.header) for c in table.columns] == list(frame.columns)
     assert table.row_count == 2
     assert table.columns[1].justify == "right"
     assert table.columns[0].justify == "left"
+
+
+def test_rich_table_shows_markup_in_titles_headers_and_cells_literally() -> None:
+    frame = pd.DataFrame({"run [/x]": ["a[bold]", "[red]b[/red]"], "params": [1, 2]})
+    buffer = io.StringIO()
+    Console(file=buffer, width=200).print(tables.rich_table(frame, title="t [/x]", caption="c [bold]"))
+    text = buffer.getvalue()
+    for literal in ("t [/x]", "run [/x]", "a[bold]", "[red]b[/red]", "c [bold]"):
+        assert literal in text

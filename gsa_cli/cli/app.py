@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.markup import escape
 from typer.core import TyperGroup
 
 from gsa_cli.choices import Accuracy, MacCounter, Mode, OnCorrupt, OutputFormat, Precision
@@ -89,7 +88,7 @@ class _Group(TyperGroup):
         except GsaError as err:
             if _state["debug"]:
                 raise
-            render.error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            render.notice("error", str(err))
             raise typer.Exit(err.exit_code) from None
 
 
@@ -353,8 +352,8 @@ def profile_command(
     )
     if out is not None:
         format_for_path(out)  # refuse a bad suffix before measuring
-    with render.error_console.status("profiling") as status:
-        result = profile(config, settings, progress=status.update)
+    with render.status("profiling") as progress:
+        result = profile(config, settings, progress=progress)
     render.profile(result, preset=config.name, fmt=fmt, out=out)
     if detail:
         render.profile_detail(result, kind=config.model.kind.value, fmt=fmt)
@@ -382,8 +381,8 @@ def _compare_kinds(configs: list[Config], settings: ProfileSettings) -> Comparis
     from gsa_cli.bench.profile import profile_kinds
     from gsa_cli.report.compare import compare_kinds
 
-    with render.error_console.status("profiling") as status:
-        rows = profile_kinds(configs, settings, progress=status.update)
+    with render.status("profiling") as progress:
+        rows = profile_kinds(configs, settings, progress=progress)
     return compare_kinds(rows, preset=configs[0].name, description=configs[0].description)
 
 
@@ -460,9 +459,7 @@ def _show_warning(
 ) -> None:
     """Our own warnings (a renamed preset key) as one yellow line; any other as Python shows it."""
     if issubclass(category, DeprecatedKeyWarning):
-        render.error_console.print(
-            f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
-        )
+        render.notice("warning", str(message))
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 

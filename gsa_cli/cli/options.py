@@ -199,6 +199,7 @@ def split_inputs(words: Sequence[str]) -> Inputs:
     """Sort ``gsa compare``'s arguments into model kinds or run directories (globs expanded).
 
     A bare kind name (``gsa``, ``conv``, ``full``) is a kind; write ``./gsa`` for a folder of that name.
+    An existing path is taken as it is, brackets and all; anything else with ``*?[`` is a glob.
 
     Raises:
         ConfigError: for no inputs, a mix of kinds and directories, a repeat, a glob matching no
@@ -212,13 +213,13 @@ def split_inputs(words: Sequence[str]) -> Inputs:
     for word in words:
         if word in KINDS:
             kinds.append(word)
+        elif Path(word).exists():  # a folder named with brackets is that folder, not a pattern
+            runs.append(Path(word))
         elif any(char in word for char in "*?["):
             matches = [Path(match) for match in sorted(glob.glob(word)) if Path(match).is_dir()]
             if not matches:
                 raise ConfigError(f"{word}: matches no run directory")
             runs += matches
-        elif Path(word).exists():
-            runs.append(Path(word))
         else:
             raise ConfigError(
                 f"{word}: neither a model kind ({', '.join(KINDS)}) nor an existing run directory"

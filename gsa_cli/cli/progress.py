@@ -6,6 +6,7 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from gsa_cli.results import EpochMetrics
 
@@ -61,10 +62,10 @@ class RichReporter:
             self.progress = None
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
+        self.console.print(Text(text), highlight=False, soft_wrap=True)  # a path with [brackets] too
 
     def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None:
-        self.console.print(epoch_line(row, epochs, best), highlight=False, soft_wrap=True)
+        self.console.print(Text(epoch_line(row, epochs, best)), highlight=False, soft_wrap=True)
 
 
 class PlainReporter:
@@ -84,18 +85,17 @@ class PlainReporter:
         now = time.monotonic()
         if stats and now - self.last_line >= PLAIN_EVERY_S:
             self.last_line = now
-            self.console.print(
-                f"{self.label} {done}/{self.total}  {_stats_text(stats)}", highlight=False, soft_wrap=True
-            )
+            line = Text(f"{self.label} {done}/{self.total}  {_stats_text(stats)}")
+            self.console.print(line, highlight=False, soft_wrap=True)
 
     def finish(self) -> None:
         pass
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
+        self.console.print(Text(text), highlight=False, soft_wrap=True)  # a path with [brackets] too
 
     def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None:
-        self.console.print(epoch_line(row, epochs, best), highlight=False, soft_wrap=True)
+        self.console.print(Text(epoch_line(row, epochs, best)), highlight=False, soft_wrap=True)
 
 
 def reporter_for(console: Console) -> RichReporter | PlainReporter:

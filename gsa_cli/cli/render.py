@@ -9,14 +9,16 @@ that ``gsa --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 from gsa_cli.choices import OutputFormat
 
@@ -28,6 +30,23 @@ if TYPE_CHECKING:
 
 console = Console()
 error_console = Console(stderr=True)
+
+# Every string that reaches a console here is a rich Text, never markup: paths, preset names and
+# messages are shown exactly as they are ("[/x]" or "[bold]" in a folder name included).
+NOTICE_STYLES = {"error": "bold red", "warning": "yellow"}
+
+
+def notice(label: str, text: str) -> None:
+    """One ``label: text`` line on stderr (``error``, ``warning``), the text shown literally."""
+    line = Text.assemble((f"{label}:", NOTICE_STYLES.get(label, "")), " ", text)
+    error_console.print(line, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status(text: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr; yields a callable that replaces its line (shown literally)."""
+    with error_console.status(Text(text)) as shown:
+        yield lambda line: shown.update(Text(line))
 
 
 def _wide(width: int) -> Console:
@@ -41,14 +60,8 @@ def presets(rows: Iterable[PresetSummary]) -> None:
     for column in ("preset", "data set", "image", "conv params", "gsa params", "description"):
         table.add_column(column, justify="right" if column.endswith("params") else "left")
     for row in rows:
-        table.add_row(
-            row.name,
-            row.dataset,
-            f"{row.img_size} px",
-            f"{row.conv_params:,}",
-            f"{row.gsa_params:,}",
-            row.description,
-        )
+        cells = (row.name, row.dataset, f"{row.img_size} px", f"{row.conv_params:,}", f"{row.gsa_params:,}")
+        table.add_row(*(Text(cell) for cell in (*cells, row.description)))
     console.print(table)
     console.print("Parameter counts are computed from the models the presets build (all parameters).")
 
@@ -67,7 +80,7 @@ def _percent(value: float | None) -> str:
 
 def run_summary(summary: RunSummary) -> None:
     """The one-row table a training run ends with."""
-    table = Table(title=f"{summary.preset} / {summary.model_kind}: {summary.run_dir}")
+    table = Table(title=Text(f"{summary.preset} / {summary.model_kind}: {summary.run_dir}"))
     for column in ("best top-1", "at epoch", "final top-1", "final top-5", "parameters", "wall time"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -83,7 +96,7 @@ def run_summary(summary: RunSummary) -> None:
 
 def eval_report(report: EvalReport) -> None:
     """The table of ``gsa eval``, and the line of how it was measured."""
-    table = Table(title=f"{report.checkpoint} (epoch {report.epoch}, {report.weights} weights)")
+    table = Table(title=Text(f"{report.checkpoint} (epoch {report.epoch}, {report.weights} weights)"))
     for column in ("top-1", "top-5", "loss", "images", "images/s", "recorded top-1"):
         table.add_column(column, justify="right")
     recorded = "-" if report.recorded_top1 is None else f"{report.recorded_top1:.2f}%"
@@ -96,7 +109,7 @@ def eval_report(report: EvalReport) -> None:
         recorded,
     )
     console.print(table)
-    console.print(f"{report.device}, {report.precision}, batch {report.batch_size}", highlight=False)
+    console.print(Text(f"{report.device}, {report.precision}, batch {report.batch_size}"))
 
 
 def profile(result: ProfileResult, *, preset: str, fmt: OutputFormat, out: Path | None) -> None:
@@ -109,7 +122,7 @@ def profile(result: ProfileResult, *, preset: str, fmt: OutputFormat, out: Path 
     if out is not None:
         as_file = tables.format_for_path(out)
         tables.write(summary if as_file is OutputFormat.MD else frame, out, caption=caption)
-        error_console.print(f"wrote {out}")
+        error_console.print(Text(f"wrote {out}"))
     if fmt is OutputFormat.TABLE:
         _wide(250).print(tables.rich_table(summary, title=f"gsa profile: {preset}", caption=caption))
     elif fmt is OutputFormat.MD:
@@ -146,7 +159,7 @@ def comparison(result: Comparison, *, fmt: OutputFormat, out: Path | None) -> No
 
     if out is not None:
         written = write_report(result, out)
-        error_console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)
+        error_console.print(Text(f"wrote {', '.join(path.name for path in written)} to {out}"))
     if fmt is OutputFormat.TABLE:
         screen = _wide(400)  # ratios make the table of kinds wide
         for number, view in enumerate(result.views):

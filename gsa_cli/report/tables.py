@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 from rich.table import Table
+from rich.text import Text
 
 from gsa_cli.choices import OutputFormat
 from gsa_cli.errors import ConfigError
@@ -73,13 +74,17 @@ def _is_numeric(series: pd.Series) -> bool:
 
 
 def rich_table(frame: pd.DataFrame, *, title: str | None = None, caption: str | None = None) -> Table:
-    """The frame as a rich table, numbers right-aligned."""
-    table = Table(title=title, caption=caption, caption_justify="left")
+    """The frame as a rich table, numbers right-aligned; every text shown literally (never as markup)."""
+    table = Table(
+        title=None if title is None else Text(title),
+        caption=None if caption is None else Text(caption),
+        caption_justify="left",
+    )
     for column in frame.columns:
         numeric = _is_numeric(frame[column]) or frame[column].map(lambda v: isinstance(v, int | float)).all()
-        table.add_column(str(column), justify="right" if numeric else "left")
+        table.add_column(Text(str(column)), justify="right" if numeric else "left")
     for values in frame.itertuples(index=False):
-        table.add_row(*(format_value(_python_value(v)) for v in values))
+        table.add_row(*(Text(format_value(_python_value(v))) for v in values))
     return table
 
 
