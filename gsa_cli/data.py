@@ -1,11 +1,12 @@
 """Data sets, transforms, samplers and loaders for the five data sets a preset can name.
 
 - ``imagenet``: the ImageFolder layout ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (``ROOT`` may
-  also hold it under ``imagenet/``); RandomResizedCrop and flip to train, resize to ``img_size / 0.875``
-  and centre crop to evaluate.
-- ``cifar100``: the ``cifar-100-python`` folder (``train``, ``test``, ``meta``) read by torchvision's
-  ``CIFAR100`` without downloading or checking checksums; a crop padded by ``img_size / 8`` (4 pixels
-  at 32) and flip to train, a resize to evaluate when ``img_size`` is not 32.
+  also hold it under ``imagenet/``), the same classes in both; RandomResizedCrop and flip to train,
+  resize to ``img_size / 0.875`` and centre crop to evaluate. 16-bit grey images are scaled to 8 bits;
+  32-bit integer and float images (modes ``I``, ``F``) are unreadable files, their range unknown.
+- ``cifar100``: the ``cifar-100-python`` folder (``train``, ``test``, ``meta``), its pickles read by
+  :mod:`gsa_cli.cifar`'s restricted unpickler (nothing in them runs); a crop padded by ``img_size / 8``
+  (4 pixels at 32) and flip to train, a resize to evaluate when ``img_size`` is not 32.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits, split once into train and test
   (stratified, 20% test, a fixed seed), scaled to the preset's image size; padded crop, no flip.
 - ``synthetic``: deterministic random images around one random prototype per class (learnable, so a
@@ -30,21 +31,23 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from gsa_cli.choices import OnCorrupt as OnCorrupt  # re-exported: the enum lives in choices.py
+from gsa_cli.cifar import CIFAR_LAYOUT, read_cifar100
+from gsa_cli.cifar import DataError as DataError  # re-exported: defined with the CIFAR reader
 from gsa_cli.config import Config, DataConfig
 from gsa_cli.config import Dataset as DatasetKind
-from gsa_cli.errors import ConfigError, GsaError
+from gsa_cli.errors import ConfigError
 
 DATA_ENV = "GSA_DATA"  # the data folder when --data is not given
 
@@ -63,11 +66,6 @@ LONGRANGE_SEEDS = (0, 1000)  # training and validation sets
 EVAL_CROP_RATIO = 0.875  # ImageNet: resize to img_size / 0.875, then centre-crop img_size
 
 IMAGENET_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder)"
-CIFAR_LAYOUT = "ROOT/cifar-100-python/{train,test,meta} (the extracted cifar-100-python.tar.gz)"
-
-
-class DataError(GsaError):
-    """A data set that is missing, malformed, or holds an unreadable file."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,13 +265,25 @@ def _imagenet_root(root: Path) -> Path:
     raise DataError(f"{root}: no ImageNet data here; expected {IMAGENET_LAYOUT}, ROOT being this folder")
 
 
-def _image_folder(root: Path, split: str, data: DataConfig, transform: Callable[[Any], Any]) -> Dataset[Any]:
+def _listed(names: set[str], limit: int = 5) -> str:
+    shown = sorted(names)
+    return ", ".join(shown[:limit]) + (f" and {len(shown) - limit} more" if len(shown) > limit else "")
+
+
+def _image_folder(
+    root: Path, split: str, data: DataConfig, transform: Callable[[Any], Any], *, classes: list[str] | None
+) -> tuple[Dataset[Any], list[str]]:
+    """``root/split`` and its classes; they must be ``classes`` (the training classes) when given."""
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
     def load(path: str) -> Any:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
+            image: Image.Image = Image.open(handle)
+            if image.mode in ("I", "F"):  # 32-bit integers or floats: no fixed range to map to 8 bits
+                raise ValueError(f"mode {image.mode}: 32-bit or float pixels; save the image as 8-bit RGB")
+            if image.mode.startswith("I;16"):  # 16-bit grey, scaled: convert("RGB") would clip at 255
+                image = Image.fromarray(np.round(np.asarray(image) / 257).astype(np.uint8))
             return image.convert("RGB")  # decodes fully: a truncated file fails here, inside the check
 
     folder = root / split
@@ -281,14 +291,26 @@ def _image_folder(root: Path, split: str, data: DataConfig, transform: Callable[
         dataset = ImageFolder(str(folder), transform=transform, loader=load)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"{folder}: {err}; expected {IMAGENET_LAYOUT}") from None
-    if len(dataset.classes) != data.num_classes:
+    if classes is None and len(dataset.classes) != data.num_classes:
         raise ConfigError(
             f"{folder}: {len(dataset.classes)} class folders, but the preset says "
             f"data.num_classes={data.num_classes}; fix the data or pass "
             f"--set data.num_classes={len(dataset.classes)}"
         )
+    if classes is not None and dataset.classes != classes:  # a label is the class's index among them
+        extra, lacks = (
+            _listed(set(dataset.classes) - set(classes)),
+            _listed(set(classes) - set(dataset.classes)),
+        )
+        if extra:
+            differ = f"has classes not in {root / 'train'}: {extra}" + (
+                f"; and lacks: {lacks}" if lacks else ""
+            )
+        else:
+            differ = f"lacks classes of {root / 'train'}: {lacks}"
+        raise DataError(f"{folder} {differ}; give both folders the same class folders")
     samples = dataset.samples
-    return CheckedDataset(dataset, lambda index: samples[index][0])
+    return CheckedDataset(dataset, lambda index: samples[index][0]), dataset.classes
 
 
 def _cifar_root(root: Path) -> Path:
@@ -299,32 +321,8 @@ def _cifar_root(root: Path) -> Path:
 
 
 def _cifar100(root: Path, train: bool, transform: Callable[[Any], Any]) -> Dataset[Any]:
-    from torchvision.datasets import CIFAR100
-
-    class LocalCIFAR100(CIFAR100):  # type: ignore[misc]
-        # torchvision checks each file's MD5 against the official archive; we check that the files
-        # exist, so that a re-packed copy or a subset loads too. Files are pickles, as torchvision reads
-        # them: only load a cifar-100-python folder you trust.
-        train_list: ClassVar[list[list[str | None]]] = [["train", None]]
-        test_list: ClassVar[list[list[str | None]]] = [["test", None]]
-        meta: ClassVar[dict[str, str | None]] = {"filename": "meta", "key": "fine_label_names", "md5": None}
-
-    base = _cifar_root(root)
-    folder = base / "cifar-100-python"
-    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
-    if missing:
-        raise DataError(f"{folder}: missing {', '.join(missing)}; expected {CIFAR_LAYOUT}")
-    try:
-        dataset = LocalCIFAR100(str(base), train=train, transform=transform, download=False)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, RuntimeError) as err:
-        split = "train" if train else "test"
-        raise DataError(
-            f"{folder / split}: not a CIFAR-100 python pickle ({type(err).__name__}: {err}); "
-            f"expected {CIFAR_LAYOUT}"
-        ) from None
-    if len(dataset.classes) != 100:
-        raise DataError(f"{folder / 'meta'}: lists {len(dataset.classes)} fine labels, CIFAR-100 has 100")
-    return CheckedDataset(dataset, lambda index: f"{folder / ('train' if train else 'test')}[{index}]")
+    images, labels = read_cifar100(_cifar_root(root) / "cifar-100-python", train=train)
+    return TensorImages(torch.from_numpy(images), torch.from_numpy(labels), transform)
 
 
 def data_root(path: str | Path | None, data: DataConfig) -> Path | None:
@@ -383,8 +381,8 @@ def build_datasets(
     assert root is not None, "data_root() gives a folder for file-based data sets"
     if data.dataset is DatasetKind.IMAGENET:
         base = _imagenet_root(root)
-        train = _image_folder(base, "train", data, train_tf)
-        return train, _image_folder(base, "val", data, eval_tf)
+        train, classes = _image_folder(base, "train", data, train_tf, classes=None)
+        return train, _image_folder(base, "val", data, eval_tf, classes=classes)[0]
     if data.num_classes != 100:
         raise ConfigError(f"data.num_classes: CIFAR-100 has 100 classes, got {data.num_classes}")
     return _cifar100(root, True, train_tf), _cifar100(root, False, eval_tf)
