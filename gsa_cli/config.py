@@ -9,6 +9,7 @@ types and impossible values with the dotted key named; :func:`apply_overrides` a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -17,9 +18,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import yaml
-
 from gsa_cli.errors import ConfigError, DeprecatedKeyWarning
+from gsa_cli.yamlio import dump_yaml, load_yaml_text, shown
 
 # Blocks per stage for each named depth [ours, SASA's].
 DEPTHS: dict[int, tuple[int, ...]] = {
@@ -147,6 +147,13 @@ class _InvalidKeyError(Exception):
         self.message = message
 
 
+class _BadValueError(_InvalidKeyError):
+    """A value of the right type that no key of that type takes (a union does not try its next arm)."""
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes [-2**63, 2**64 - 1]; a run adds its rank and epoch
+
+
 # ---------------------------------------------------------------------------------------------------
 # Building dataclasses from mappings, strictly.
 
@@ -176,13 +183,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
+            except _BadValueError:
+                raise
             except _InvalidKeyError:
                 continue
-        raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}")
+        raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {shown(value)}")
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}")
+            raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {shown(value)}")
         return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
     if dataclasses.is_dataclass(tp):
         assert isinstance(tp, type)
@@ -191,7 +200,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             return tp(value)
         except ValueError:
-            raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}") from None
+            raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {shown(value)}") from None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -200,21 +209,37 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            return _finite(value, key)
     elif tp is str and isinstance(value, str):
         return value
-    raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {value!r}")
+    raise _InvalidKeyError(key, f"expected {_type_name(tp)}, got {shown(value)}")
+
+
+def _finite(value: int | float, key: str) -> float:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past the largest float
+        number = math.inf
+    if not math.isfinite(number):
+        raise _BadValueError(key, f"must be a finite number, got {shown(value)}")
+    return number
+
+
+def _key_name(name: Any) -> str:
+    """A key as a message shows it: plain if it is a short name, else its bounded repr."""
+    plain = isinstance(name, str) and name.isidentifier() and len(name) <= 40
+    return name if plain else shown(name, 40)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     section = prefix or "the top level"
     if not isinstance(data, Mapping):
-        raise _InvalidKeyError(section, f"expected a mapping of keys to values, got {data!r}")
+        raise _InvalidKeyError(section, f"expected a mapping of keys to values, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
     for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
+        key = f"{prefix}.{_key_name(name)}" if prefix else _key_name(name)
         if name not in known:
             raise _InvalidKeyError(key, f"unknown key (known keys: {', '.join(sorted(known))})")
         values[name] = _coerce(value, hints[name], key)
@@ -282,6 +307,12 @@ def _validate_model(model: ModelConfig) -> None:
     if model.width < 1:
         raise _InvalidKeyError("model.width", f"must be at least 1, got {model.width}")
     stages = len(model.stage_blocks)
+    if not model.attention_stages and model.kind is not ModelKind.CONV:
+        raise _InvalidKeyError(
+            "model.attention_stages",
+            f"a {model.kind.value} model needs at least one attention stage: list some, or build a "
+            "convolutional net with model.kind conv (--model conv)",
+        )
     if len(set(model.attention_stages)) != len(model.attention_stages) or any(
         not 1 <= s <= stages for s in model.attention_stages
     ):
@@ -336,6 +367,10 @@ def _validate_recipe(recipe: RecipeConfig) -> None:
         )
     if recipe.ema_decay is not None and not 0 < recipe.ema_decay < 1:
         raise _InvalidKeyError("recipe.ema_decay", f"must be in (0, 1) or null, got {recipe.ema_decay}")
+    if not 0 <= recipe.seed <= MAX_SEED:
+        raise _InvalidKeyError(
+            "recipe.seed", f"must be an integer from 0 to {MAX_SEED}, got {shown(recipe.seed)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,7 +422,7 @@ def config_from_mapping(raw: Any, *, name: str, source: str) -> Config:
     try:
         if not isinstance(raw, Mapping):
             raise _InvalidKeyError(
-                "the top level", f"expected a mapping with data, model, recipe, got {raw!r}"
+                "the top level", f"expected a mapping with data, model, recipe, got {shown(raw)}"
             )
         document = _renamed_keys(dict(raw), source)
         document.setdefault("description", "")
@@ -400,17 +435,20 @@ def config_from_mapping(raw: Any, *, name: str, source: str) -> Config:
     return cfg
 
 
+def override_source(text: str) -> str:
+    """How a message names the override ``text``: ``--set KEY=VALUE``, cut short if long."""
+    return "--set " + (text if len(text) <= 100 else text[:97] + "...")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value`` into its dotted path and its YAML-parsed value."""
+    """Split ``section.key=value`` into its dotted path and its value, read as YAML 1.2 with bounds."""
     key, sep, value = text.partition("=")
     path = key.strip().split(".")
     if not sep or not all(path):
-        raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. model.heads=4")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text}: the value is not valid YAML ({err})") from None
-    return path, parsed
+        raise ConfigError(
+            f"{override_source(text)}: expected KEY=VALUE with a dotted key, e.g. model.heads=4"
+        )
+    return path, load_yaml_text(value, override_source(text)) if value.strip() else None
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -418,13 +456,13 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
     document = _deep_copy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        path = _renamed_path(path, f"--set {text}")
+        path = _renamed_path(path, override_source(text))
         node = document
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 dotted = ".".join(path[: i + 1])
-                raise ConfigError(f"--set {text}: {dotted} is a value, not a section")
+                raise ConfigError(f"{override_source(text)}: {dotted} is a value, not a section")
             node = child
         node[path[-1]] = value
     return document
@@ -453,4 +491,4 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_to_yaml(cfg: Config) -> str:
     """The resolved config as a YAML document that loads back to the same config."""
-    return f"# preset: {cfg.name}\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return f"# preset: {cfg.name}\n" + dump_yaml(config_to_dict(cfg))

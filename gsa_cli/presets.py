@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gsa_cli.config import Config, Dataset, ModelKind, apply_overrides, config_from_mapping
+from gsa_cli.config import (
+    Config,
+    Dataset,
+    ModelKind,
+    apply_overrides,
+    config_from_mapping,
+    override_source,
+)
 from gsa_cli.errors import ConfigError
+from gsa_cli.yamlio import load_yaml_text as load_yaml_text  # the checkpoint's saved config is read with it
+from gsa_cli.yamlio import read_yaml_file
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 
@@ -50,19 +57,6 @@ def resolve_preset_path(name_or_path: str | Path) -> Path:
     )
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the preset ({err.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{line}: fix the syntax") from None
-
-
 def resolve_config(raw: Any, *, name: str, source: str) -> Config:
     """:func:`~gsa_cli.config.config_from_mapping`, then the checks of the data set's own module.
 
@@ -97,18 +91,30 @@ def load_preset(
         ConfigError: naming the file (or the override) and the dotted key at fault.
     """
     path = resolve_preset_path(name_or_path)
-    raw = _read_yaml(path)
     name = path.stem
-    config = resolve_config(raw, name=name, source=str(path))
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{path}: the file name is not UTF-8: rename the preset (runs record its name)"
+        ) from None
+    raw = read_yaml_file(path)
     if model is not None:
-        kinds = [kind.value for kind in ModelKind]
-        kind = model.value if isinstance(model, ModelKind) else model
-        if kind not in kinds:
-            raise ConfigError(f"unknown model kind {kind!r}: choose one of {', '.join(kinds)}")
-        raw = apply_overrides(raw, [f"model.kind={kind}"])
-        config = resolve_config(raw, name=name, source=str(path))
+        kind = _kind(model)
+        if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping):
+            # The kind asked for before the checks: a conv net may list no attention stage, for one.
+            raw = apply_overrides(raw, [f"model.kind={kind}"])
+    config = resolve_config(raw, name=name, source=str(path))
     for text in overrides:
         # Applied one at a time so that an error names the override that caused it.
         raw = apply_overrides(raw, [text])
-        config = resolve_config(raw, name=name, source=f"--set {text}")
+        config = resolve_config(raw, name=name, source=override_source(text))
     return config
+
+
+def _kind(model: str | ModelKind) -> str:
+    kinds = [kind.value for kind in ModelKind]
+    kind = model.value if isinstance(model, ModelKind) else model
+    if kind not in kinds:
+        raise ConfigError(f"unknown model kind {kind!r}: choose one of {', '.join(kinds)}")
+    return kind

@@ -213,7 +213,7 @@ def test_unknown_model_kind() -> None:
         ("model.span=-2", "--set model.span=-2: model.span: must be at least 1"),
         ("model.depth=34", "--set model.depth=34: model.depth: give either depth or layers"),
         ("model", "--set model: expected KEY=VALUE"),
-        ("model.heads=[1", "--set model.heads=[1: the value is not valid YAML"),
+        ("model.heads=[1", "--set model.heads=[1: not valid YAML at line 1"),
         ("model.heads.x=1", "--set model.heads.x=1: model.heads is a value, not a section"),
     ],
 )
