@@ -281,7 +281,7 @@ def _image_folder(
         with open(path, "rb") as handle:
             image: Image.Image = Image.open(handle)
             if image.mode in ("I", "F"):  # 32-bit integers or floats: no fixed range to map to 8 bits
-                raise ValueError(f"mode {image.mode}: 32-bit or float pixels; save the image as 8-bit RGB")
+                raise ValueError(f"mode {image.mode}, 32-bit integer or float pixels; save it as 8-bit RGB")
             if image.mode.startswith("I;16"):  # 16-bit grey, scaled: convert("RGB") would clip at 255
                 image = Image.fromarray(np.round(np.asarray(image) / 257).astype(np.uint8))
             return image.convert("RGB")  # decodes fully: a truncated file fails here, inside the check

@@ -232,6 +232,18 @@ def test_an_extra_validation_class_is_refused_naming_it(tmp_path: Path) -> None:
         build_datasets(imagenet_config(), root)
 
 
+def test_many_differing_classes_are_counted_not_all_listed(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imagenet")
+    for index in range(8):
+        (root / "val" / f"extra{index}").mkdir()
+        image = (root / "val" / "n00000000" / "img_0.JPEG").read_bytes()
+        (root / "val" / f"extra{index}" / "img.JPEG").write_bytes(image)
+    with pytest.raises(
+        DataError, match=r"not in .*: extra0, extra1, extra2, extra3, extra4 and 3 more; give"
+    ):
+        build_datasets(imagenet_config(), root)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 16-bit and float images.
 
