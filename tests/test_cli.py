@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from cli_helpers import one_error_line
 from typer.testing import CliRunner
 
 from gsa_cli import load_preset
@@ -115,3 +116,35 @@ def test_an_old_preset_key_is_one_warning_line_and_the_command_runs() -> None:
         "warning: --set model.gsa_stages=[2]: model.gsa_stages is deprecated; call it model.attention_stages"
     ]
     assert "attention_stages:\n  - 2" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counts and endpoints refused in one line before anything starts.
+
+
+def test_process_counts_below_one_are_refused_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    for option, value in (("--nproc", "0"), ("--nproc", "-2"), ("--nnodes", "0")):
+        result = runner.invoke(app, ["train", "--preset", "smoke", option, value, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert one_error_line(result) == f"error: {option} {value}: must be at least 1"
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--nnodes", "2", "--node-rank", "2",
+                                 "--rdzv-endpoint", "node0:29500", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result) == "error: --node-rank 2: must be from 0 to 1 (--nnodes 2)"
+    assert not out.exists()  # nothing trained
+
+
+def test_a_garbage_rendezvous_endpoint_is_one_line(tmp_path: Path) -> None:
+    for endpoint in ("nonsense:abc", "nonsense", ":29500", "node0:70000"):
+        args = ["train", "--preset", "smoke", "--nproc", "2", "--nnodes", "2", "--rdzv-endpoint", endpoint]
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+        assert result.exit_code == 2, result.output
+        assert one_error_line(result).startswith(f"error: --rdzv-endpoint {endpoint}: expected HOST:PORT")
+
+
+def test_eval_batch_size_below_one_is_one_line(tmp_path: Path) -> None:
+    for value in ("0", "-1"):
+        result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--batch-size", value])
+        assert result.exit_code == 2, result.output
+        assert one_error_line(result) == f"error: --batch-size {value}: must be at least 1"

@@ -207,3 +207,79 @@ def test_comparing_runs_that_record_their_gmacs_does_not_import_torch(tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     assert (out / "compare.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Damaged run directories and unwritable --out: one line naming the file, the key, the epoch or the path.
+
+
+@pytest.mark.parametrize("name", ["summary.json", "metrics.csv", "config.yaml"])
+def test_a_run_file_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path, name: str) -> None:
+    run = write_run(tmp_path / "run", kind="gsa", val_top1=[10.0, 20.0], params=1000, gmacs=1.0)
+    (run / name).write_bytes(b"\xff\xfe" + (run / name).read_bytes())
+    result = runner.invoke(app, ["compare", str(run)])
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result).startswith(f"error: {run / name}: not UTF-8 text")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [("parameters", "many", "a whole number"), ("best_top1", "high", "a number"),
+     ("model_kind", 3, "a string"), ("epochs", 2.5, "a whole number"), ("wall_time_s", [1], "a number")],
+)  # fmt: skip
+def test_an_ill_typed_summary_value_is_one_line_naming_the_key(
+    tmp_path: Path, key: str, value: object, expected: str
+) -> None:
+    run = write_run(tmp_path / "run", kind="gsa", val_top1=[10.0, 20.0], params=1000, gmacs=1.0)
+    summary = json.loads((run / "summary.json").read_text())
+    summary[key] = value
+    (run / "summary.json").write_text(json.dumps(summary))
+    result = runner.invoke(app, ["compare", str(run)])
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result).startswith(
+        f"error: {run / 'summary.json'}: {key} is {json.dumps(value)}, expected {expected}"
+    )
+
+
+def test_an_ill_typed_eval_value_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", kind="gsa", val_top1=[10.0], params=1000, gmacs=1.0, eval_top1=9.0)
+    report = json.loads((run / "eval.json").read_text())
+    report["top1"] = "9%"
+    (run / "eval.json").write_text(json.dumps(report))
+    result = runner.invoke(app, ["compare", str(run), "--accuracy", "eval"])
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result).startswith(f'error: {run / "eval.json"}: top1 is "9%", expected a number')
+
+
+def test_a_repeated_epoch_in_metrics_is_one_line_naming_the_file_and_epoch(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", kind="gsa", val_top1=[10.0, 20.0, 30.0], params=1000, gmacs=1.0)
+    lines = (run / "metrics.csv").read_text().splitlines()
+    lines[3] = lines[2]  # epochs 1, 2, 2: as many rows as summary.json's epochs_done
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["compare", str(run)])
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result).startswith(f"error: {run / 'metrics.csv'}: epoch 2 appears 2 times")
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("profiled before --out was checked")
+
+    monkeypatch.setattr("gsa_cli.bench.profile.profile", never)
+    monkeypatch.setattr("gsa_cli.bench.profile.profile_kinds", never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    folder = tmp_path / "a-folder.csv"
+    folder.mkdir()
+    for command, out, problem in (
+        ("compare", blocker / "report", f"{blocker} is a file, not a folder"),
+        ("compare", blocker, "exists and is not a folder"),
+        ("profile", blocker / "rows.csv", f"{blocker} is a file, not a folder"),
+        ("profile", folder, "exists and is not a file"),
+    ):
+        args = [command, *(["conv", "gsa"] if command == "compare" else []), *QUICK, "--out", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert one_error_line(result).startswith(f"error: --out {out}: {problem}")

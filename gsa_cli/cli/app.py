@@ -63,6 +63,9 @@ from gsa_cli.cli.options import (
     TrainPresetOpt,
     WarmupOpt,
     WorkersOpt,
+    at_least,
+    check_launch,
+    check_writable,
     parse_sizes,
     split_inputs,
 )
@@ -88,8 +91,15 @@ class _Group(TyperGroup):
         except GsaError as err:
             if _state["debug"]:
                 raise
-            render.notice("error", str(err))
+            if not (err.exit_code > 128 and _worker_of_launcher()):  # a signal: the launcher says it once
+                render.notice("error", str(err))
             raise typer.Exit(err.exit_code) from None
+
+
+def _worker_of_launcher() -> bool:
+    from gsa_cli.train.distributed import launched_by_gsa  # torch is loaded: a run was stopped
+
+    return launched_by_gsa()
 
 
 app = typer.Typer(
@@ -210,6 +220,7 @@ def _launch(ctx: typer.Context, config: Config | None, out: Path | None) -> None
         nnodes=params["nnodes"],
         node_rank=params["node_rank"],
         rdzv_endpoint=params["rdzv_endpoint"],
+        run_dir=target or params["resume"],
     )
 
 
@@ -240,9 +251,11 @@ def train_command(
 ) -> None:
     """Train a preset's model and write a run directory (config, metrics, summary, checkpoints)."""
     from gsa_cli.cli.progress import reporter_for
-    from gsa_cli.train.distributed import in_torchrun, is_main_process
+    from gsa_cli.train.distributed import die_with_launcher, in_torchrun, is_main_process
     from gsa_cli.train.run import TrainOptions, train
 
+    die_with_launcher()  # a worker: stop when the launcher is killed (a no-op outside torchrun)
+    check_launch(nproc, nnodes, node_rank)
     config = _train_config(ctx, resume, out)
     if (nproc > 1 or nnodes > 1) and not in_torchrun():
         _launch(ctx, config, out)
@@ -279,6 +292,7 @@ def eval_command(
     from gsa_cli.cli.progress import reporter_for
     from gsa_cli.train.evaluate import EvalOptions, evaluate_checkpoint
 
+    at_least(batch_size, "--batch-size")
     options = EvalOptions(
         data=data, device=device, ema=ema, batch_size=batch_size, workers=workers, on_corrupt=on_corrupt
     )
@@ -351,7 +365,8 @@ def profile_command(
         device, precision, batch_size, img_size, mode, channels_last, compile, warmup, iters, counter
     )
     if out is not None:
-        format_for_path(out)  # refuse a bad suffix before measuring
+        format_for_path(out)  # refuse a bad suffix or an unwritable path before measuring
+        check_writable(out, "--out", folder=False)
     with render.status("profiling") as progress:
         result = profile(config, settings, progress=progress)
     render.profile(result, preset=config.name, fmt=fmt, out=out)
@@ -430,6 +445,7 @@ def compare_command(
     from gsa_cli.report.compare import compare_runs
 
     inputs = split_inputs(targets)
+    check_writable(out, "--out", folder=True)
     if inputs.kinds:
         if misplaced := _flags(ctx, _RUN_ONLY):
             raise ConfigError(f"{', '.join(misplaced)}: for run directories, not model kinds")

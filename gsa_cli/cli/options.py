@@ -9,6 +9,7 @@ scaler, that of a profile the fp32 weights), each wording is its own alias. The 
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,53 @@ def parse_sizes(text: str | None, option: str) -> tuple[int, ...] | None:
         raise ConfigError(
             f"{option} {text}: expected whole numbers separated by commas, e.g. 32,64"
         ) from None
+
+
+def at_least(value: int | None, option: str, minimum: int = 1) -> None:
+    """Refuse a count below ``minimum`` (``None``, the default, passes).
+
+    Raises:
+        ConfigError: naming the option and the value.
+    """
+    if value is not None and value < minimum:
+        raise ConfigError(f"{option} {value}: must be at least {minimum}")
+
+
+def check_launch(nproc: int, nnodes: int, node_rank: int) -> None:
+    """Refuse process and node counts below 1 and a node rank outside the job, before anything starts.
+
+    Raises:
+        ConfigError: naming the option.
+    """
+    at_least(nproc, "--nproc")
+    at_least(nnodes, "--nnodes")
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--node-rank {node_rank}: must be from 0 to {nnodes - 1} (--nnodes {nnodes})")
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next((folder for folder in path.parents if folder.exists()), Path.cwd())
+
+
+def check_writable(path: Path | None, option: str, *, folder: bool) -> None:
+    """Refuse an ``--out`` that cannot be written, before the work whose results it would hold.
+
+    Args:
+        folder: Whether ``path`` names a folder to write files in (else a file).
+
+    Raises:
+        ConfigError: naming the path and what is in the way.
+    """
+    if path is None:
+        return
+    want = "a folder" if folder else "a file"
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{option} {path}: exists and is not {want}; name {want} to write")
+    where = path if path.exists() else _nearest_existing(path)
+    if not where.is_dir() and where != path:
+        raise ConfigError(f"{option} {path}: {where} is a file, not a folder; choose another {option}")
+    if not os.access(where, os.W_OK | (os.X_OK if where.is_dir() else 0)):
+        raise ConfigError(f"{option} {path}: no permission to write in {where}; choose another {option}")
 
 
 KINDS = tuple(kind.value for kind in ModelKind)

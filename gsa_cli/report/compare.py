@@ -23,10 +23,10 @@ from typing import Any
 import pandas as pd
 
 from gsa_cli.choices import Accuracy
-from gsa_cli.errors import ConfigError
+from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.report import tables
 from gsa_cli.report.profile import latency_text, rows_frame
-from gsa_cli.results import CONFIG_FILE, RunRecord, read_run
+from gsa_cli.results import CONFIG_FILE, EVAL_FILE, METRICS_FILE, SUMMARY_FILE, RunRecord, read_run
 
 # Counts the GMACs of a run whose summary.json lacks them (None where it cannot).
 GmacsCounter = Callable[[RunRecord], float | None]
@@ -224,6 +224,63 @@ def config_value(record: RunRecord, key: str) -> Any:
     return node
 
 
+# The values of summary.json and eval.json that a comparison computes with, by the type they must have.
+WHOLE = ("epochs", "epochs_done", "parameters", "best_epoch", "world_size", "batch_size")
+REAL = ("best_top1", "best_top5", "final_top1", "final_top5", "wall_time_s", "images_per_s")
+TEXT = ("model_kind",)
+EVAL_REAL = ("top1", "top5")
+
+
+def _read_checked(path: Path) -> RunRecord:
+    """:func:`gsa_cli.results.read_run`, with each file's text and each value used here checked first.
+
+    Raises:
+        GsaError: naming the file and what is wrong: text that is not UTF-8, a value of the wrong type,
+            an epoch that ``metrics.csv`` holds twice.
+    """
+    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, EVAL_FILE):
+        file = path / name
+        if not file.is_file():
+            continue  # read_run names a missing file
+        try:
+            file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise GsaError(f"{file}: not UTF-8 text (byte {err.start}); damaged, or not from gsa") from None
+        except OSError as err:
+            raise GsaError(f"{file}: unreadable ({err.strerror})") from None
+    record = read_run(path)
+    _check_types(path / SUMMARY_FILE, record.summary, whole=WHOLE, real=REAL, text=TEXT)
+    if record.evaluation is not None:
+        _check_types(path / EVAL_FILE, record.evaluation, whole=(), real=EVAL_REAL, text=())
+    epochs = [row.epoch for row in record.metrics]
+    for epoch in epochs:
+        if epochs.count(epoch) > 1:
+            raise GsaError(
+                f"{path / METRICS_FILE}: epoch {epoch} appears {epochs.count(epoch)} times; each finished "
+                "epoch must appear once (a damaged run: train it again, or delete the repeated rows)"
+            )
+    return record
+
+
+def _check_types(
+    file: Path, values: Mapping[str, Any], *, whole: Sequence[str], real: Sequence[str], text: Sequence[str]
+) -> None:
+    """Refuse a value of the wrong type (null stands for "not known" in every numeric field)."""
+    for key, value in values.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = None
+        if key in whole and value is not None and not (number and isinstance(value, int)):
+            expected = "a whole number"
+        elif key in real and value is not None and not number:
+            expected = "a number"
+        elif key in text and not isinstance(value, str):
+            expected = "a string"
+        if expected is not None:
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise GsaError(f"{file}: {key} is {shown}, expected {expected}; damaged, or not from gsa train")
+
+
 def _gmacs(record: RunRecord, count_gmacs: GmacsCounter | None) -> tuple[float | None, str]:
     """The run's GMACs and where they come from: its summary, or counted now for an older run."""
     if "gmacs" not in record.summary:
@@ -337,9 +394,10 @@ def compare_runs(
 
     Raises:
         ConfigError: for a path that is not a folder, or a ``by`` key a run's config lacks.
-        GsaError: naming a folder that is not a run directory or is half-written.
+        GsaError: naming a folder that is not a run directory or is half-written, or the file of a
+            damaged run (not UTF-8, a value of the wrong type, an epoch repeated).
     """
-    records = [read_run(path) for path in paths]
+    records = [_read_checked(path) for path in paths]
     labels = _labels(paths)
     rows = [_run_row(label, record, count_gmacs) for label, record in zip(labels, records, strict=True)]
     frame = pd.DataFrame(rows)

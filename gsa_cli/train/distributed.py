@@ -4,20 +4,37 @@ A process started by torchrun (``torchrun --nproc_per_node N -m gsa_cli train ..
 ``gsa train --nproc N`` through :func:`launch`) finds ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in its
 environment; :func:`setup` joins the process group (NCCL on CUDA, gloo on CPU) and picks the device.
 Without those variables everything here is a no-op for a single process.
+
+The launcher and its workers live and die together. :func:`launch` runs torchrun's agent in the
+launching process, which starts each worker as its child (``subprocess.Popen`` from the main thread, in
+a session of its own). A SIGTERM or SIGINT to the launcher is forwarded by the agent to every worker;
+the workers stop at their next step and save (:mod:`gsa_cli.train.loop`), the agent waits for them, and
+the launcher exits with ``128 + signum`` and one line. A launcher killed outright (SIGKILL) cannot
+forward anything, so each worker asks the kernel, early in its start-up, to send it SIGTERM when its
+parent dies (:func:`die_with_launcher`: Linux's ``PR_SET_PDEATHSIG``); it then stops as if signalled.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
-from collections.abc import Callable, Sequence
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from gsa_cli.errors import ConfigError, GsaError
+from gsa_cli.results import LAST_CHECKPOINT
 from gsa_cli.runtime import resolve_device
+
+LAUNCHER_PID = "GSA_LAUNCHER_PID"  # set by launch() for its workers: the pid they must not outlive
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,41 @@ def on_main(world: World, action: Callable[[], object]) -> None:
         raise GsaError(problem)
 
 
+def launched_by_gsa() -> bool:
+    """Whether this process is a worker of :func:`launch` (which reports the run's end itself)."""
+    return LAUNCHER_PID in os.environ
+
+
+def die_with_launcher() -> None:
+    """Have the kernel send this worker SIGTERM when its launcher dies (Linux; elsewhere a no-op).
+
+    Call it early in a worker's start-up. The death signal belongs to the parent that started this
+    process: torchrun's agent, in :func:`launch` the launching ``gsa train`` itself. If that parent
+    has already gone (it died before the request was made), the worker stops at once.
+    """
+    if not in_torchrun() or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not permitted here: the worker then outlives a killed launcher, as before
+    expected = os.environ.get(LAUNCHER_PID)
+    if expected is not None and expected.isdigit() and os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Refuse a rendezvous endpoint that is not ``HOST:PORT`` with a port from 1 to 65535.
+
+    Raises:
+        ConfigError: naming the endpoint.
+    """
+    host, _, port = endpoint.strip().rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--rdzv-endpoint {endpoint}: expected HOST:PORT with a port from 1 to 65535, e.g. node0:29500"
+        )
+
+
 def launch(
     worker_args: Sequence[str],
     *,
@@ -142,18 +194,22 @@ def launch(
     nnodes: int = 1,
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
+    run_dir: Path | None = None,
 ) -> None:
     """Run ``python -m gsa_cli WORKER_ARGS`` in ``nproc`` processes per node through torchrun.
 
     One node with no rendezvous endpoint runs standalone (a free local port); several nodes meet at
-    ``rdzv_endpoint`` (``host:port``), each started with its own ``node_rank``.
+    ``rdzv_endpoint`` (``host:port``), each started with its own ``node_rank``. A SIGTERM or SIGINT
+    stops every worker (see the module's note).
+
+    Args:
+        run_dir: The run directory the workers write, named in the message of a stopped run.
 
     Raises:
-        GsaError: when a worker fails (its own message is printed above by the worker).
+        ConfigError: for a count below 1 or a malformed endpoint, before any worker starts.
+        GsaError: when a worker fails (its own message is printed above by the worker), or a signal
+            stopped the run (exit code ``128 + signum``).
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
     if nproc < 1 or nnodes < 1:
         raise ConfigError(f"--nproc and --nnodes must be at least 1, got {nproc} and {nnodes}")
     flags = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
@@ -162,16 +218,62 @@ def launch(
     else:
         if rdzv_endpoint is None:
             raise ConfigError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        check_endpoint(rdzv_endpoint)
         flags += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    _quiet_agent()
     args = get_args_parser().parse_args([*flags, "--module", "gsa_cli", *worker_args])
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
         run(args)
+    except SignalException as err:
+        raise _stopped(int(err.sigval), run_dir) from None
     except ChildFailedError as err:
-        failures = ", ".join(
-            f"rank {rank} exited with code {failure.exitcode}"
-            for rank, failure in sorted(err.failures.items())
-        )
-        error = GsaError(f"distributed training failed: {failures} (its message is above)")
-        codes = [failure.exitcode for failure in err.failures.values() if 0 < failure.exitcode < 256]
-        error.exit_code = codes[0] if codes else 1  # a worker's own code: 2 for config, 130 for a signal
-        raise error from None
+        raise _failed({rank: failure.exitcode for rank, failure in err.failures.items()}, run_dir) from None
+    finally:
+        os.environ.pop(LAUNCHER_PID, None)
+
+
+def _quiet_agent() -> None:
+    """Keep torchrun's agent to its errors: its warnings as it stops the workers are not for a user."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _stopped(signum: int, run_dir: Path | None) -> GsaError:
+    """The launcher's one line for a run stopped by a signal, with the shell's exit code for it."""
+    name = signal.Signals(signum).name
+    if run_dir is not None and (run_dir / LAST_CHECKPOINT).is_file():
+        text = f"stopped by {name}; every worker has stopped: continue with gsa train --resume {run_dir}"
+    else:
+        text = f"stopped by {name} before the first checkpoint; every worker has stopped"
+    error = GsaError(text)
+    error.exit_code = 128 + signum
+    return error
+
+
+def _signal_of(code: int) -> int | None:
+    """The signal behind a worker's exit code: killed by it (negative), or stopped on it (128 + n)."""
+    number = -code if code < 0 else code - 128 if code > 128 else 0
+    return number if number in signal.valid_signals() else None
+
+
+def _failed(codes: Mapping[int, int], run_dir: Path | None) -> GsaError:
+    """The launcher's one line for workers that failed (their own message, if any, is above)."""
+    signals = {_signal_of(code) for code in codes.values()}
+    if len(signals) == 1 and None not in signals:  # every failed rank stopped on one signal
+        return _stopped(signals.pop() or 0, run_dir)
+
+    def what(code: int) -> str:
+        number = _signal_of(code)
+        return f"exited with code {code}" if number is None else f"ended by {signal.Signals(number).name}"
+
+    failures = ", ".join(f"rank {rank} {what(code)}" for rank, code in sorted(codes.items()))
+    own = [code for _, code in sorted(codes.items()) if 0 < code < 128]  # a worker's own: 2 for config
+    error = GsaError(f"distributed training failed: {failures}" + (" (its message is above)" if own else ""))
+    error.exit_code = own[0] if own else 1
+    return error
