@@ -11,25 +11,34 @@ A run directory holds everything one ``gsa train`` produced::
 
 :func:`read_run` reads a whole run back and checks it (``gsa compare``), naming a half-written one.
 
-Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
-crash leaves either the previous version or the new one, never half a file. Checkpoints themselves
-are torch files and are written by :mod:`gsa_cli.train.checkpoint` through :func:`atomic_path`.
+Every file is written atomically (a temporary file ``.NAME.RANDOM.tmp`` in the same folder, then
+``os.replace``), so a crash leaves either the previous version or the new one, never half a file; a
+failed write removes its temporary file, and the next process to lock the folder removes those a kill
+left. A write that fails (a full disk, a read-only folder) raises :class:`WriteError`, one line naming
+the file and what is wrong. Checkpoints are torch files, written by :mod:`gsa_cli.train.checkpoint`
+through :func:`atomic_write`.
+
+A process that writes a run directory holds its lock (:meth:`RunDir.claim`): ``fcntl.flock`` on the
+file ``.lock`` inside it, which holds the writer's pid. The OS releases it when the process ends,
+however it ends; a second writer is refused with one line naming that pid.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
+import secrets
 import subprocess
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -41,6 +50,8 @@ SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.json"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+LOCK_FILE = ".lock"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, EVAL_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT)
 
 
 @dataclass(frozen=True)
@@ -119,25 +130,64 @@ class EvalReport:
 # Atomic writes.
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(name)
+_WRITE_PROBLEMS = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def describe(err: OSError) -> str:
+    """What an OSError means, in words (the disk, the folder), for a one-line message."""
+    known = _WRITE_PROBLEMS.get(err.errno or 0)
+    return known or (err.strerror or str(err) or type(err).__name__)
+
+
+class WriteError(GsaError):
+    """A file that could not be written; its previous version, if any, is intact."""
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        super().__init__(f"{path}: could not write it: {describe(err)}")
+        self.path, self.errno = path, err.errno
+
+
+def _temporary(path: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary file beside ``path``, open for writing (its mode as the umask makes it)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        with contextlib.suppress(FileExistsError):
+            return tmp, tmp.open("xb")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` atomically: ``write(file)`` fills a temporary file, synced, then renamed over it.
+
+    Raises:
+        WriteError: if the folder or the disk refuses it (the temporary file is removed; ``path`` is as
+            it was).
+    """
+    tmp: Path | None = None
     try:
-        yield tmp
+        tmp, file = _temporary(path)
+        with file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise WriteError(path, err) from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,9 +219,92 @@ def git_revision() -> str | None:
 
 
 def default_run_dir(preset: str, model_kind: str, *, root: Path = Path("runs")) -> Path:
-    """``runs/<preset>-<model>-<YYYYmmdd-HHMMSS>``."""
+    """A new, empty folder ``runs/<preset>-<model>-<YYYYmmdd-HHMMSS>``, created here.
+
+    Created exclusively: when another run took the name (one started in the same second), the next
+    free one of ``...-2``, ``...-3``, ... is taken, so that no two runs ever share a default folder.
+
+    Raises:
+        WriteError: if ``root`` cannot be written.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{preset}-{model_kind}-{stamp}"
+    base = root / f"{preset}-{model_kind}-{stamp}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 10_000):
+            path = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+                return path
+    except OSError as err:
+        raise WriteError(root, err) from None
+    raise GsaError(f"{root}: no free run name {base.name}-N left; give --out")
+
+
+class RunLock:
+    """A process's exclusive use of a run directory: ``fcntl.flock`` on its ``.lock`` file.
+
+    Held until :meth:`release` (or until the process ends, however it ends: the OS releases it).
+    :meth:`abandon` also removes the folders the claim made, when nothing else was written in them.
+    """
+
+    def __init__(self, folder: Path, handle: int, made: tuple[Path, ...]) -> None:
+        self.folder, self.handle, self.made = folder, handle, made
+
+    @classmethod
+    def take(cls, folder: Path, made: tuple[Path, ...] = ()) -> RunLock:
+        """Lock ``folder`` (which exists) for this process, and write its pid into the lock file.
+
+        Raises:
+            GsaError: naming the holder's pid if another process holds it, or the folder if it cannot
+                be locked.
+        """
+        for _ in range(100):  # until the file locked is the one in the folder (abandon removes it)
+            handle = _flock(folder)
+            if handle is not None:
+                os.ftruncate(handle, 0)
+                os.write(handle, f"{os.getpid()}\n".encode())
+                return cls(folder, handle, made)
+        raise GsaError(f"{folder}: cannot lock this run directory (its lock file keeps changing)")
+
+    def release(self) -> None:
+        """Let another process write the folder (the lock file stays)."""
+        if self.handle >= 0:
+            os.close(self.handle)
+            self.handle = -1
+
+    def abandon(self) -> None:
+        """Release the folder and, if this process wrote nothing in it, remove what the claim made."""
+        if self.handle >= 0 and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                (self.folder / LOCK_FILE).unlink()  # while held: a waiting taker sees it change
+                for folder in self.made:  # the deepest first
+                    folder.rmdir()
+        self.release()
+
+
+def _flock(folder: Path) -> int | None:
+    """The folder's lock file, opened and locked; None if it was replaced meanwhile."""
+    path = folder / LOCK_FILE
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise GsaError(f"{folder}: cannot lock this run directory ({describe(err)})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(handle), os.stat(path)):
+            return handle
+    except BlockingIOError:
+        holder = os.pread(handle, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(handle)
+        raise GsaError(
+            f"{folder}: another gsa process (pid {holder}) is writing this run directory; "
+            "wait for it to end, or choose another --out"
+        ) from None
+    except FileNotFoundError:
+        pass
+    os.close(handle)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,19 +342,41 @@ class RunDir:
         return self.path / BEST_CHECKPOINT
 
     def create(self) -> None:
-        """Make the folder for a new run, refusing one that already holds a run.
+        """Make the folder for a new run, refusing one that already holds a run (see :meth:`claim`)."""
+        self.claim(new=True).release()
+
+    def claim(self, *, new: bool, made: bool = False) -> RunLock:
+        """Lock the run directory for this process, and remove the temporary files a kill left.
+
+        Args:
+            new: A new run: create the folder (and its parents) and refuse one that holds a run.
+            made: The folder was just made for this run (``default_run_dir``): abandoning the claim
+                removes it.
 
         Raises:
-            GsaError: if the folder exists and is not empty.
+            GsaError: if another process holds the lock (naming its pid), or for a folder that cannot
+                be created or locked, or (``new``) that holds a run.
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise GsaError(f"--out {self.path}: exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()):
+        created = [self.path] if made else []
+        if new:
+            if self.path.exists() and not self.path.is_dir():
+                raise GsaError(f"--out {self.path}: exists and is not a folder")
+            created = [p for p in (self.path, *self.path.parents) if not p.exists()] or created
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise GsaError(f"--out {self.path}: cannot create the folder ({describe(err)})") from None
+        lock = RunLock.take(self.path, tuple(created))
+        for stale in (path for name in RUN_FILES for path in self.path.glob(f".{name}.*.tmp")):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        if new and any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            lock.release()
             raise GsaError(
                 f"--out {self.path}: the folder is not empty; continue that run with "
                 f"--resume {self.path}, or choose another --out"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        return lock
 
     def write_config(self, yaml_text: str) -> None:
         atomic_write_text(self.config, yaml_text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from gsa_cli import build_model, load_preset
 from gsa_cli.config import config_to_yaml
 from gsa_cli.errors import GsaError
-from gsa_cli.results import RunDir
+from gsa_cli.results import EpochMetrics, RunDir
 from gsa_cli.runtime import Precision
 from gsa_cli.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -76,6 +77,10 @@ def old_format_payload(**changes: Any) -> dict[str, Any]:
     return payload
 
 
+ROW = {"epoch": 1, "lr": 0.05, "train_loss": 2.3, "train_top1": 12.5, "val_loss": float("nan"),
+       "val_top1": 9.375, "val_top5": 50.0, "images_per_s": 300.0, "epoch_time_s": 0.2}  # fmt: skip
+
+
 def write_old(path: Path, payload: dict[str, Any]) -> Path:
     torch.save({"format": CHECKPOINT_FORMAT, **payload}, path)  # as save_checkpoint() wrote it
     return path
@@ -100,6 +105,7 @@ def test_a_checkpoint_written_before_the_record_loads_into_its_fields(tmp_path: 
     assert torch.equal(checkpoint.rng[0].torch, payload["rng"][0]["torch"])
     config = config_from_checkpoint(checkpoint, tmp_path / "last.pt")
     assert config == load_preset("smoke", overrides=["recipe.ema_decay=0.9"])
+    assert checkpoint.metrics is None  # its rows are in the run's metrics.csv
 
 
 def test_the_record_writes_the_same_keys_and_value_types_as_before(tmp_path: Path) -> None:
@@ -149,6 +155,16 @@ def test_a_run_stopped_by_the_earlier_code_resumes(tmp_path: Path) -> None:
         ({"rng": {}}, "rng", "should be a list, got dict"),
         ({"wall_time_s": None}, "wall_time_s", "should be a number, got None"),
         ({"started": 0}, "started", "should be a string, got int"),
+        ({"metrics": "rows"}, "metrics", "should be a list, got str"),
+        ({"metrics": [None]}, "metrics[0]", "should be a dict, got None"),
+        ({"metrics": [{**ROW, "lr": "high"}], "epoch": 1}, "metrics[0].lr", "should be a number, got str"),
+        (
+            {"metrics": [{k: v for k, v in ROW.items() if k != "val_top5"}], "epoch": 1},
+            "metrics[0].val_top5",
+            "is missing",
+        ),
+        ({"metrics": [ROW]}, "metrics", "should hold the rows of epochs 1 to 0, in order"),
+        ({"metrics": [ROW, ROW], "epoch": 2}, "metrics", "should hold the rows of epochs 1 to 2, in order"),
     ],
 )
 def test_an_ill_typed_key_is_refused_in_one_line_naming_the_file_and_key(
@@ -173,6 +189,18 @@ def test_a_missing_key_is_refused_in_one_line_naming_the_file_and_key(tmp_path: 
     ) as e:
         Checkpoint.load(path)
     assert str(e.value).endswith(f": {key} is missing")
+
+
+def test_the_finished_epochs_rows_are_saved_and_read_back(tmp_path: Path) -> None:
+    second = {**ROW, "epoch": 2, "val_top1": 12.5, "val_loss": 2.0}
+    path = write_old(tmp_path / "last.pt", old_format_payload(epoch=2, metrics=[ROW, second]))
+    checkpoint = Checkpoint.load(path)
+    assert checkpoint.metrics is not None
+    assert [row.epoch for row in checkpoint.metrics] == [1, 2]
+    assert checkpoint.metrics[1] == EpochMetrics(**second)
+    assert math.isnan(checkpoint.metrics[0].val_loss)  # a NaN loss is a value like any other
+    checkpoint.save(tmp_path / "again.pt")
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["metrics"][1] == second
 
 
 def test_keys_the_record_does_not_know_are_ignored(tmp_path: Path) -> None:

@@ -127,7 +127,8 @@ def test_one_epoch_on_an_image_folder_through_the_cli(tmp_path: Path) -> None:
     counted = count_macs(build_model(load_preset("smoke", overrides=["data.num_classes=3"])), img_size=16)
     assert summary["gmacs"] == pytest.approx(counted.total / 1e9)
     files = {p.name for p in out.iterdir()}
-    assert files == {"config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt"}
+    assert files == {"config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt", ".lock"}
+    assert (out / ".lock").read_text().strip() == str(os.getpid())  # the run's writer, released
     # The saved config loads back to the same config (under the file's own name).
     settings = ["data.dataset=imagenet", "data.num_classes=3", "recipe.batch_size=6"]
     expected = load_preset("smoke", overrides=settings)
@@ -251,10 +252,12 @@ def test_a_run_killed_between_checkpoints_resumes(tmp_path: Path) -> None:
     assert process.returncode == -signal.SIGKILL
     done = Checkpoint.load(out / "last.pt").epoch
     assert done >= 1
+    assert (out / ".lock").read_text().strip() == str(process.pid)  # the lock died with its process
     summary = train(None, TrainOptions(resume=out, device="cpu"), reporter=Quiet())
     assert summary.status == "finished"
     assert [r.epoch for r in RunDir(out).read_metrics()] == list(range(1, 31))
     assert Checkpoint.load(out / "last.pt").step == 30 * 4
+    assert not [path.name for path in out.iterdir() if path.suffix == ".tmp"]  # what the kill left is gone
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(

@@ -22,12 +22,39 @@ repeats the run's own evaluation:
 - **how it computed**: precision and memory layout, which change the numbers, so a resume and an
   evaluation use the ones the run trained with; and its wall time and start, so that the run's
   summary counts all of its sessions.
+- **the run's record**: every finished epoch's row of ``metrics.csv`` (``metrics``), from which, with
+  the best epoch, wall time and start above, ``metrics.csv`` and ``summary.json`` are written again.
+
+The end of an epoch is one commit, and ``last.pt`` is its commit point. The run
+(:mod:`gsa_cli.train.run`, rank 0, holding the run directory's lock) writes, each file atomically (a
+temporary file, then one rename, so that each is either old or new, never half):
+
+1. ``last.pt``, holding the epoch's row with the earlier ones and the best epoch so far. Once it is
+   renamed into place the epoch is committed; before that, it never happened (a resume trains it
+   again, from the previous ``last.pt``, to the same numbers).
+2. then :func:`publish`, which writes what follows from ``last.pt``: ``best.pt`` (a byte copy of
+   ``last.pt``) when the epoch just committed is the best so far, ``metrics.csv`` from its rows, and
+   ``summary.json`` from the run's record.
+
+A kill can land between any two of these writes. ``gsa train --resume`` therefore begins with
+:func:`publish` from the ``last.pt`` it found (after removing the temporary files a kill left), which
+is harmless when everything had been written and completes the commit when not. Every later write of
+``last.pt`` happens after that, so ``best.pt`` is always the epoch ``last.pt`` (and the summary) calls
+best, ``metrics.csv`` holds each committed epoch exactly once, and ``summary.json`` agrees with both.
+(``best.pt`` needs copying only when ``last.pt`` ends the best epoch itself: any later ``last.pt``
+was written after that epoch's commit completed.) A ``last.pt`` saved part-way through an epoch (a
+signal) commits no epoch: its rows are those of the epochs before.
+
+A write that fails (a full disk, a read-only folder) stops the run with one line naming the file; the
+files already there are intact, and ``summary.json`` says ``failed`` where it can still be written.
 
 Reading a file is safe and strict. :meth:`Checkpoint.load` uses ``torch.load(weights_only=True)``:
 tensors and plain containers only, never code. Then every key is checked: a missing or ill-typed
 one is refused with one line that names the file and the key, never a ``KeyError`` later on. Keys
 the record does not know are ignored. The keys and their value types are the format: changing them
-means a new format name, so that files written by earlier versions keep loading.
+means a new format name, so that files written by earlier versions keep loading. ``metrics`` was
+added to ``gsa-checkpoint/1`` as an optional key (earlier readers ignore it): a file without it
+resumes with the rows of its run's ``metrics.csv``, as before.
 """
 
 from __future__ import annotations
@@ -37,7 +64,7 @@ import random
 import shutil
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +75,7 @@ from torch import Tensor
 from gsa_cli.config import Config
 from gsa_cli.errors import GsaError
 from gsa_cli.presets import resolve_config
-from gsa_cli.results import atomic_path
+from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir, RunSummary, atomic_write
 from gsa_cli.runtime import Precision
 from gsa_cli.train.distributed import World
 
@@ -120,6 +147,7 @@ class Checkpoint:
     options: TrainedWith
     wall_time_s: float  # of every session so far
     started: str  # ISO time of the run's first session
+    metrics: tuple[EpochMetrics, ...] | None = None  # the finished epochs' rows (None: in metrics.csv)
 
     def to_dict(self) -> dict[str, Any]:
         """The file's dict: plain values only, as ``torch.load(weights_only=True)`` reads them."""
@@ -134,6 +162,10 @@ class Checkpoint:
             "precision": self.options.precision.value,
             "channels_last": self.options.channels_last,
         }
+        if self.metrics is None:
+            del payload["metrics"]
+        else:
+            payload["metrics"] = [asdict(row) for row in self.metrics]
         return payload
 
     @classmethod
@@ -164,12 +196,18 @@ class Checkpoint:
             options=_trained_with(read.nested("options")),
             wall_time_s=read.number("wall_time_s"),
             started=read.take("started", str, "a string"),
+            metrics=_metrics(read) if "metrics" in payload else None,
         )
 
     def save(self, path: Path) -> None:
-        """Write the file atomically: to a temporary file beside ``path``, then renamed over it."""
-        with atomic_path(path) as tmp:
-            torch.save(self.to_dict(), tmp)
+        """Write the file atomically: to a temporary file beside ``path``, then renamed over it.
+
+        Raises:
+            WriteError: naming ``path`` and the problem (a full disk, a read-only folder); the file
+                that was there is intact.
+        """
+        payload = self.to_dict()
+        atomic_write(path, lambda file: torch.save(payload, file))
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
@@ -188,8 +226,27 @@ class Checkpoint:
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """Copy a checkpoint file atomically (``best.pt`` is the best epoch's ``last.pt``, byte for byte)."""
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
+
+    def copy(file: Any) -> None:
+        with source.open("rb") as original:
+            shutil.copyfileobj(original, file)
+
+    atomic_write(target, copy)
+
+
+def publish(run: RunDir, checkpoint: Checkpoint, summary: RunSummary) -> None:
+    """Write what follows from the committed ``last.pt`` (``checkpoint``): ``best.pt`` if it ends the
+    best epoch, ``metrics.csv`` from its rows (when it has them), ``summary.json``. Repeatable.
+
+    Raises:
+        WriteError: for the first file that could not be written.
+    """
+    at_best = checkpoint.best.epoch == checkpoint.epoch > 0 and checkpoint.batches_done == 0
+    if at_best:
+        copy_checkpoint(run.last, run.best)
+    if checkpoint.metrics is not None:
+        run.write_metrics(list(checkpoint.metrics))
+    run.write_summary(summary)
 
 
 def config_from_checkpoint(checkpoint: Checkpoint, source: Path) -> Config:
@@ -343,6 +400,21 @@ def _trained_with(read: _Reader) -> TrainedWith:
         choices = ", ".join(p.value for p in Precision)
         raise read.error("precision", f"should be one of {choices}, got {precision!r}")
     return TrainedWith(Precision(precision), read.take("channels_last", bool, "true or false"))
+
+
+def _metrics(read: _Reader) -> tuple[EpochMetrics, ...]:
+    rows = read.take("metrics", list, "a list")
+    result = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise read.error(f"metrics[{index}]", f"should be a dict, got {_kind(row)}")
+        row_read = _Reader(row, read.path, f"metrics[{index}].")
+        values = [row_read.number(name) for name in METRIC_COLUMNS[1:]]
+        result.append(EpochMetrics(row_read.integer("epoch"), *values))
+    epoch = read.integer("epoch")
+    if [row.epoch for row in result] != list(range(1, epoch + 1)):
+        raise read.error("metrics", f"should hold the rows of epochs 1 to {epoch}, in order")
+    return tuple(result)
 
 
 def _rng(read: _Reader) -> tuple[RngState, ...]:

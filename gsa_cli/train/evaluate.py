@@ -63,6 +63,8 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
 
     Raises:
         GsaError: for an unreadable or refused checkpoint, or missing data.
+        EvalNotSavedError: if ``eval.json`` cannot be written (its folder read-only or full, or another
+            process writing the run directory); the result is reported first, and carried.
     """
     path = resolve_checkpoint(target)
     checkpoint = Checkpoint.load(path)
@@ -120,5 +122,32 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
         torch_version=torch.__version__,
         created=now_iso(),
     )
-    RunDir(path.parent).write_eval(report)
+    _save(report, RunDir(path.parent), reporter)
     return report
+
+
+class EvalNotSavedError(GsaError):
+    """An evaluation whose ``eval.json`` could not be written: ``report`` is its result."""
+
+    def __init__(self, message: str, report: EvalReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _save(report: EvalReport, run: RunDir, reporter: Reporter) -> None:
+    """Write ``eval.json`` (holding the lock of a run directory, as its writers do); if it cannot be
+    written, report the result in one line and raise, so that the evaluation is not lost."""
+    try:
+        lock = run.claim(new=False) if run.summary.is_file() else None
+        try:
+            run.write_eval(report)
+        finally:
+            if lock is not None:
+                lock.release()
+    except GsaError as err:
+        reporter.message(
+            f"top-1 {report.top1:.2f}%, top-5 {report.top5:.2f}%, loss {report.loss:.4f} "
+            f"on {report.images:,} images ({report.weights} weights, epoch {report.epoch})"
+        )
+        where = "" if str(err).startswith(str(run.eval)) else f"{run.eval}: not written: "
+        raise EvalNotSavedError(f"{where}{err}; the result above is not saved", report) from None

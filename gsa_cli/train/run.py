@@ -11,17 +11,18 @@ own parameters kept out of weight decay, ``model.no_weight_decay()``); the loops
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -40,14 +41,7 @@ from gsa_cli.data import (
 )
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
-from gsa_cli.results import (
-    EpochMetrics,
-    RunDir,
-    RunSummary,
-    default_run_dir,
-    git_revision,
-    now_iso,
-)
+from gsa_cli.results import EpochMetrics, RunDir, RunLock, RunSummary, WriteError, default_run_dir, now_iso
 from gsa_cli.runtime import Precision, device_name, seed_everything
 from gsa_cli.train import distributed
 from gsa_cli.train.checkpoint import (
@@ -57,7 +51,7 @@ from gsa_cli.train.checkpoint import (
     TrainedWith,
     capture_rng,
     config_from_checkpoint,
-    copy_checkpoint,
+    publish,
     restore_rng,
 )
 from gsa_cli.train.loop import (
@@ -69,6 +63,7 @@ from gsa_cli.train.loop import (
     TrainingStoppedError,
 )
 from gsa_cli.train.recipe import ModelEma, batch_mixing, build_optimizer, build_schedule, param_groups
+from gsa_cli.train.record import RunFacts, summarise, write_or_stop
 
 __all__ = ["RunReporter", "TrainOptions", "TrainingStoppedError", "train"]
 
@@ -105,32 +100,22 @@ class TrainOptions:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Helpers.
-
-
-@functools.cache
-def _versions() -> dict[str, str | None]:
-    return {
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "git_revision": git_revision(),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
 # Training.
 
 
 def train(config: Config | None, options: TrainOptions, *, reporter: RunReporter) -> RunSummary:
     """Train ``config`` (or continue ``options.resume``) and return the run's summary.
 
-    Writes the run directory (rank 0 only): ``config.yaml``, ``metrics.csv`` and ``summary.json``,
-    ``last.pt`` after every epoch and ``best.pt``. SIGINT/SIGTERM stop at the next step, save
-    ``last.pt`` there (resumable) and raise :class:`TrainingStoppedError`.
+    Writes the run directory (rank 0 only, holding its lock throughout): ``config.yaml``,
+    ``metrics.csv`` and ``summary.json``, ``last.pt`` after every epoch and ``best.pt`` (the commit of
+    :mod:`gsa_cli.train.checkpoint`). SIGINT/SIGTERM stop at the next step, save ``last.pt`` there
+    (resumable) and raise :class:`TrainingStoppedError`. A start that fails before writing anything
+    leaves no folder behind.
 
     Raises:
         ConfigError: for options or data that do not fit the config.
-        GsaError: for missing data, unreadable files or checkpoints, a non-finite loss, a signal.
+        GsaError: for missing data, unreadable files or checkpoints, a run directory another process
+            is writing, a file that cannot be written, a non-finite loss, a signal.
     """
     if options.threads is not None:
         if options.threads < 1:
@@ -138,7 +123,12 @@ def train(config: Config | None, options: TrainOptions, *, reporter: RunReporter
         torch.set_num_threads(options.threads)
     world, device = distributed.setup(options.device)
     try:
-        return _Run(config, options, world, device, reporter if world.is_main else SilentReporter()).run()
+        run = _Run(config, options, world, device, reporter if world.is_main else SilentReporter())
+        try:
+            return run.run()
+        finally:
+            if run.lock is not None:
+                run.lock.release()
     finally:
         distributed.teardown()
 
@@ -162,8 +152,7 @@ class _Run:
     val_loader: DataLoader[Any]
     model: nn.Module
     no_decay: set[str]
-    parameters: int
-    gmacs: float | None
+    facts: RunFacts  # what the summary says that does not change
     ema: ModelEma | None
     trainer: Trainer
 
@@ -176,22 +165,28 @@ class _Run:
         reporter: RunReporter,
     ) -> None:
         self.options, self.world, self.device, self.reporter = options, world, device, reporter
-        resumed = self._open(config)
-        self._data()
-        forward = self._build_model()
-        self._build_trainer(forward)
-        self.epoch, self.batches_done = 0, 0  # epochs finished; batches done of the next one
-        self.carried: Totals | None = None  # the sums of those batches
-        self.best = Best()
-        self.rows: list[EpochMetrics] = []
-        self.wall_before, self.started = 0.0, now_iso()
-        if resumed is not None:
-            self._resume(resumed)
-        else:
-            distributed.on_main(
-                world, functools.partial(self.run_dir.write_config, config_to_yaml(self.config))
-            )
-        self.session_start = time.perf_counter()
+        self.lock: RunLock | None = None  # rank 0's hold on the run directory
+        try:
+            resumed = self._open(config)
+            self._data()
+            forward = self._build_model()
+            self._build_trainer(forward)
+            self.epoch, self.batches_done = 0, 0  # epochs finished; batches done of the next one
+            self.carried: Totals | None = None  # the sums of those batches
+            self.best = Best()
+            self.rows: list[EpochMetrics] = []
+            self.wall_before, self.started = 0.0, now_iso()
+            self.session_start = time.perf_counter()
+            if resumed is not None:
+                self._resume(resumed)
+            else:
+                distributed.on_main(
+                    world, functools.partial(self.run_dir.write_config, config_to_yaml(self.config))
+                )
+        except BaseException:
+            if self.lock is not None:
+                self.lock.abandon()  # and the folder too, if this start wrote nothing in it
+            raise
 
     # -- Phases of a new run. ------------------------------------------------------------------------
 
@@ -199,7 +194,9 @@ class _Run:
         """The config and the run directory: a new one, or the one to resume (whose checkpoint is
         returned; its config and numerics replace the options')."""
         if self.options.resume is not None:
-            self.run_dir = RunDir(self.options.resume)
+            self.run_dir = RunDir(Path(self.options.resume))
+            if self.run_dir.last.is_file():  # else the load below says what is missing
+                distributed.on_main(self.world, functools.partial(self._claim, self.run_dir.path))
             resumed = Checkpoint.load(self.run_dir.last)
             self.config = config_from_checkpoint(resumed, self.run_dir.last)
             self.precision, self.channels_last = resumed.options.precision, resumed.options.channels_last
@@ -208,10 +205,18 @@ class _Run:
             raise ConfigError("give a config to train, or a run directory to resume")
         self.config = config
         self.precision, self.channels_last = self.options.precision, self.options.channels_last
-        out = self.options.out or default_run_dir(config.name, config.model.kind.value)
-        self.run_dir = RunDir(Path(distributed.broadcast(str(out))))
-        distributed.on_main(self.world, self.run_dir.create)
+        distributed.on_main(self.world, functools.partial(self._claim, self.options.out))
+        main_dir = str(self.run_dir.path) if self.world.is_main else ""
+        self.run_dir = RunDir(Path(distributed.broadcast(main_dir)))
         return None
+
+    def _claim(self, out: Path | None) -> None:
+        """Lock the run directory (rank 0): the one to resume, or a new one: ``out`` or a new default
+        folder (removed again, with the folders made for it, if the start fails before writing)."""
+        if self.options.resume is None:
+            config = self.config
+            self.run_dir = RunDir(Path(out or default_run_dir(config.name, config.model.kind.value)))
+        self.lock = self.run_dir.claim(new=self.options.resume is None, made=out is None)
 
     def _data(self) -> None:
         """The data sets, this rank's share of them, and their loaders."""
@@ -242,10 +247,19 @@ class _Run:
         seed_everything(config.recipe.seed)
         model = build_model(config)
         self.no_decay = model.no_weight_decay()  # its names outlive the wrappers and conversions below
-        self.parameters = sum(p.numel() for p in model.parameters())
         data = config.data
-        self.gmacs = (
-            count_gmacs(model, img_size=data.img_size, channels=data.channels) if world.is_main else None
+        self.facts = RunFacts(
+            run_dir=self.run_dir,
+            config=config,
+            parameters=sum(p.numel() for p in model.parameters()),
+            gmacs=count_gmacs(model, img_size=data.img_size, channels=data.channels)
+            if world.is_main
+            else None,
+            device=device_name(device),
+            world_size=world.world_size,
+            precision=self.precision,
+            channels_last=self.channels_last,
+            compiled=options.compile,
         )
         if options.sync_bn and device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
@@ -317,7 +331,10 @@ class _Run:
         self.wall_before, self.started = checkpoint.wall_time_s, checkpoint.started
         if len(checkpoint.rng) == world.world_size:
             restore_rng(checkpoint.rng[world.rank])
-        self.rows = self.run_dir.read_metrics()[: self.epoch]
+        # A checkpoint from before it kept the rows has them in metrics.csv.
+        self.rows = list(checkpoint.metrics or self.run_dir.read_metrics()[: self.epoch])
+        # Complete the commit of last.pt, which a kill may have cut short (see the checkpoint module).
+        self._write(lambda: publish(self.run_dir, checkpoint, self._summary(self._status())))
         where = f"epoch {self.epoch} of {self.config.recipe.epochs}"
         where += f", batch {self.batches_done}" if self.batches_done else ""
         self.reporter.message(f"resuming {self.run_dir.path} after {where}")
@@ -337,7 +354,8 @@ class _Run:
                     self._epoch()
             except TrainingStoppedError as err:
                 if err.exit_code == 1 and self.world.is_main:  # a non-finite loss: last.pt stays as it was
-                    self.run_dir.write_summary(self._summary("failed"))
+                    with contextlib.suppress(GsaError):
+                        self.run_dir.write_summary(self._summary("failed"))
                 raise
         return self._summary("finished")
 
@@ -387,21 +405,34 @@ class _Run:
     # -- Saving. -------------------------------------------------------------------------------------
 
     def _save_epoch(self, row: EpochMetrics) -> bool:
-        """Record a finished epoch: best so far, ``last.pt`` (and ``best.pt``), metrics, summary.
-        Returns whether it is the best epoch so far."""
-        self.rows.append(row)
+        """Commit a finished epoch: ``last.pt``, then what follows from it (``best.pt`` when it is the
+        best so far, metrics, summary; see the checkpoint module). Returns whether it is the best."""
+        before = self.rows, self.best
+        self.rows = [*self.rows, row]
         is_best = self.best.top1 is None or row.val_top1 > self.best.top1
         if is_best:
             self.best = Best(top1=row.val_top1, top5=row.val_top5, epoch=self.epoch)
         checkpoint = self._checkpoint(None, 0, row.val_top1)  # on every rank: it gathers their RNGs
-        if self.world.is_main:
-            checkpoint.save(self.run_dir.last)
-            if is_best:
-                copy_checkpoint(self.run_dir.last, self.run_dir.best)
-            self.run_dir.write_metrics(self.rows)
-            status = "finished" if self.epoch == self.config.recipe.epochs else "running"
-            self.run_dir.write_summary(self._summary(status))
+
+        def commit() -> None:
+            try:
+                checkpoint.save(self.run_dir.last)
+            except WriteError:
+                self.rows, self.best = before  # not committed: the failed summary says so
+                raise
+            publish(self.run_dir, checkpoint, self._summary(self._status()))
+
+        self._write(commit)
         return is_best
+
+    def _status(self) -> str:
+        done = self.epoch == self.config.recipe.epochs and not self.batches_done
+        return "finished" if done else "running"
+
+    def _write(self, action: Callable[[], object]) -> None:
+        """Write on rank 0, its failure raised on every rank (see :func:`write_or_stop`)."""
+        failed = functools.partial(self._summary, "failed")
+        distributed.on_main(self.world, functools.partial(write_or_stop, self.run_dir, action, failed))
 
     def _checkpoint(self, partial: Totals | None, batches_done: int, val_top1: float | None) -> Checkpoint:
         """The run as it stands (a collective: every rank's random state is gathered)."""
@@ -425,6 +456,7 @@ class _Run:
             options=TrainedWith(self.precision, self.channels_last),
             wall_time_s=self._wall_time(),
             started=self.started,
+            metrics=tuple(self.rows),
         )
 
     def _wall_time(self) -> float:
@@ -433,36 +465,13 @@ class _Run:
 
     def _summary(self, status: str) -> RunSummary:
         """``summary.json``'s record of the run as it stands."""
-        config, rows = self.config, self.rows
-        final = rows[-1] if rows else None
-        speeds = [row.images_per_s for row in rows]
-        return RunSummary(
+        return summarise(
+            self.facts,
+            self.rows,
+            self.best,
             status=status,
-            run_dir=str(self.run_dir.path),
-            preset=config.name,
-            model_kind=config.model.kind.value,
-            dataset=config.data.dataset.value,
-            epochs=config.recipe.epochs,
-            epochs_done=len(rows),
-            best_top1=self.best.top1,
-            best_top5=self.best.top5,
-            best_epoch=self.best.epoch,
-            final_top1=final.val_top1 if final else None,
-            final_top5=final.val_top5 if final else None,
-            final_val_loss=final.val_loss if final else None,
-            parameters=self.parameters,
-            gmacs=self.gmacs,
-            wall_time_s=round(self._wall_time(), 3),
-            images_per_s=sum(speeds) / len(speeds) if speeds else None,
-            device=device_name(self.device),
-            world_size=self.world.world_size,
-            precision=self.precision.value,
-            batch_size=config.recipe.batch_size,
-            channels_last=self.channels_last,
-            compiled=self.options.compile,
+            wall_time_s=self._wall_time(),
             started=self.started,
-            updated=now_iso(),
-            **_versions(),  # type: ignore[arg-type]
         )
 
     # -- Stopping. -----------------------------------------------------------------------------------
@@ -471,9 +480,12 @@ class _Run:
         """A signal stopped the epoch: save ``last.pt`` there (resumable) and raise."""
         partial = outcome.totals.reduced(self.device)
         checkpoint = self._checkpoint(partial, outcome.batches_done, None)
-        if self.world.is_main:
+
+        def save() -> None:
             checkpoint.save(self.run_dir.last)
             self.run_dir.write_summary(self._summary("interrupted"))
+
+        self._write(save)
         raise self._stopped()
 
     def _stopped(self) -> TrainingStoppedError:
