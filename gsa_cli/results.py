@@ -275,9 +275,9 @@ class RunLock:
 
     def abandon(self) -> None:
         """Release the folder and, if this process wrote nothing in it, remove what the claim made."""
-        if self.handle >= 0 and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
-            with contextlib.suppress(OSError):
-                (self.folder / LOCK_FILE).unlink()  # while held: a waiting taker sees it change
+        with contextlib.suppress(OSError):
+            if self.handle >= 0 and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+                (self.folder / LOCK_FILE).unlink()  # while held: a taker that opened it sees it change
                 for folder in self.made:  # the deepest first
                     folder.rmdir()
         self.release()
@@ -299,7 +299,7 @@ def _flock(folder: Path) -> int | None:
         os.close(handle)
         raise GsaError(
             f"{folder}: another gsa process (pid {holder}) is writing this run directory; "
-            "wait for it to end, or choose another --out"
+            "wait for it to end, or write elsewhere"
         ) from None
     except FileNotFoundError:
         pass

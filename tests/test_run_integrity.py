@@ -409,6 +409,21 @@ def test_eval_into_a_read_only_run_directory_prints_the_result_then_one_line(
     assert temporaries(out) == []
 
 
+def test_eval_into_a_run_directory_being_written_prints_the_result_then_names_the_writer(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    top1 = trained(out)
+    with hold_lock(out):
+        result = CliRunner().invoke(app, ["eval", str(out), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    line = error_line(result)
+    assert str(out / "eval.json") in line
+    assert f"pid {os.getpid()}" in line
+    assert f"{top1:.2f}%" in result.output.split(line)[0]
+    assert not (out / "eval.json").exists()
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
 def test_eval_into_a_folder_without_write_permission(tmp_path: Path) -> None:
     out = tmp_path / "run"
