@@ -40,9 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import yaml
-
 from gsa_cli.errors import ConfigError, GsaError
+from gsa_cli.yamlio import load_yaml_text
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -429,7 +428,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GsaError(f"{path}: missing (is this a run directory written by gsa train?)") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise GsaError(f"{path}: unreadable ({err})") from None
     if not isinstance(data, dict):
         raise GsaError(f"{path}: expected a JSON object")
@@ -486,9 +485,10 @@ def read_run(path: Path) -> RunRecord:
             f"{METRICS_FILE} has {len(metrics)}"
         )
     try:
-        config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+        text = run.config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise GsaError(f"{run.config}: unreadable ({err})") from None
+    config = load_yaml_text(text, str(run.config), error=GsaError)
     if not isinstance(config, dict):
         raise GsaError(f"{run.config}: expected a mapping of config sections")
     evaluation = run.read_eval() if run.eval.is_file() else None

@@ -161,3 +161,41 @@ def test_a_key_given_twice_in_an_override_is_refused() -> None:
     assert message.startswith("--set model.layers={a: 1, a: 2}: ")
     assert "'a'" in message
     assert "twice" in message
+
+
+def test_a_checkpoint_whose_saved_config_is_an_alias_bomb_is_refused_in_one_line(tmp_path: Path) -> None:
+    import torch
+
+    from gsa_cli.errors import GsaError
+    from gsa_cli.train.checkpoint import Checkpoint, config_from_checkpoint
+
+    payload = {"config_yaml": "description: " + _bomb(9, 9) + "\n", "preset": "smoke"}
+    checkpoint = Checkpoint.__new__(Checkpoint)  # only the two fields the decoder reads
+    for name, value in payload.items():
+        object.__setattr__(checkpoint, name, value)
+    source = tmp_path / "last.pt"
+    with pytest.raises(GsaError) as caught:
+        config_from_checkpoint(checkpoint, source)
+    message = str(caught.value)
+    assert message.startswith(f"{source} (its saved config): ")
+    assert "\n" not in message
+    assert len(message) < MESSAGE_LIMIT
+    assert torch.is_tensor(torch.zeros(1))  # torch imported: the decoder runs beside it in a real run
+
+
+def test_a_run_whose_config_yaml_is_an_alias_bomb_is_named_by_compare(tmp_path: Path) -> None:
+    from fixtures_runs import write_run
+    from typer.testing import CliRunner
+
+    from gsa_cli.cli.app import app
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    write_run(run, kind="gsa", val_top1=[50.0], params=10, gmacs=0.1)
+    write_run(other, kind="conv", val_top1=[40.0], params=12, gmacs=0.2)
+    (run / "config.yaml").write_text("description: " + _bomb(9, 9) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["compare", str(other), str(run)])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[:1000]
+    assert lines[0].startswith(f"error: {run / 'config.yaml'}: ")
+    assert len(lines[0]) < MESSAGE_LIMIT

@@ -69,12 +69,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import yaml
 from torch import Tensor
 
 from gsa_cli.config import Config
 from gsa_cli.errors import GsaError
-from gsa_cli.presets import resolve_config
+from gsa_cli.presets import load_yaml_text, resolve_config
 from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir, RunSummary, atomic_write
 from gsa_cli.runtime import Precision
 from gsa_cli.train.distributed import World
@@ -256,11 +255,8 @@ def config_from_checkpoint(checkpoint: Checkpoint, source: Path) -> Config:
         ConfigError: if the saved config no longer resolves.
         GsaError: if it is not YAML.
     """
-    try:
-        raw = yaml.safe_load(checkpoint.config_yaml)
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise GsaError(f"{source}: not a usable checkpoint: config_yaml is not YAML ({first})") from None
+    # Read with the presets' bounds: a checkpoint is data from wherever it came from.
+    raw = load_yaml_text(checkpoint.config_yaml, f"{source} (its saved config)", error=GsaError)
     return resolve_config(raw, name=checkpoint.preset, source=f"{source} (its saved config)")
 
 
