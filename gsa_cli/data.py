@@ -23,8 +23,10 @@ statistics. An unreadable image is reported by its path: :class:`CheckedDataset`
 main process) either fails naming the file or skips it with one warning per file.
 
 The training sampler shards an epoch over the ranks and can start part-way into it (a resumed run sees
-the samples an uninterrupted one would); the evaluation sampler shards without padding, so that every
-sample counts exactly once. :func:`loader_workers` picks the loader processes per rank.
+the samples an uninterrupted one would; :mod:`gsa_cli.train.streams` keys their augmentation to the
+epoch and index, so that it sees the same crops too); the evaluation sampler shards without padding,
+so that every sample counts exactly once. :func:`loader_workers` picks the loader processes per rank.
+No loader's ``iter()`` draws from torch's global generator (each has its own).
 """
 
 from __future__ import annotations
@@ -433,7 +435,10 @@ def make_loader(
     workers: int,
     pin_memory: bool,
     drop_last: bool,
+    generator: torch.Generator | None = None,
 ) -> DataLoader[Any]:
+    """A loader of :class:`Batch` es. Its ``iter()`` draws the workers' base seed from ``generator`` (a
+    new one by default), never from torch's global generator."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -443,6 +448,7 @@ def make_loader(
         drop_last=drop_last,
         collate_fn=collate_checked,
         persistent_workers=False,
+        generator=generator if generator is not None else torch.Generator(),
     )
 
 

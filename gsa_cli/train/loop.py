@@ -24,6 +24,7 @@ from gsa_cli.results import EpochMetrics
 from gsa_cli.runtime import Precision, autocast, module_mode, synchronize, too_small_for_batch_norm
 from gsa_cli.train.distributed import all_reduce_sum, any_rank
 from gsa_cli.train.recipe import BatchTransform, ModelEma
+from gsa_cli.train.streams import seeded, stream_seed
 
 SYNC_EVERY = 10  # steps between reads of the running sums (a device sync) and stop checks
 
@@ -225,7 +226,8 @@ class Trainer:
         forward: What the loop calls: ``model``, or a DDP or compiled wrapper of it.
         optimizer / scheduler / scaler / ema: The recipe's state; the scheduler steps per update.
         check: Applies the unreadable-file policy to a batch; returns whether it has images.
-        batch_transform: Mixup/CutMix on ``(images, labels)``, or None.
+        batch_transform: Mixup/CutMix on ``(images, labels)``, or None; update ``step`` draws its mixing
+            from ``seed`` and ``step`` alone (see :mod:`gsa_cli.train.streams`).
         agree: Turns this rank's "use the batch" into every rank's (under DDP, a step whose batch is
             unreadable on one rank is skipped on all, or the others would wait for it forever).
     """
@@ -245,6 +247,7 @@ class Trainer:
     batch_transform: BatchTransform | None = None
     agree: Callable[[bool], bool] = _alone
     step: int = 0  # optimizer updates done
+    seed: int = 0  # of the batch mixing
     sync_every: int = SYNC_EVERY
     stop: StopSignal = field(default_factory=StopSignal)
 
@@ -255,7 +258,8 @@ class Trainer:
     def _step(self, images: Tensor, labels: Tensor, sums: Tensor, bad_loss: Tensor) -> None:
         """One update; adds the batch's counts to ``sums`` and a non-finite loss to ``bad_loss``."""
         if self.batch_transform is not None:
-            images, labels = self.batch_transform(images, labels)
+            with seeded(stream_seed(self.seed, self.step)):
+                images, labels = self.batch_transform(images, labels)
         with autocast(self.device, self.precision):
             logits = train_forward(self.forward, images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)

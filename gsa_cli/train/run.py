@@ -18,7 +18,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,41 +61,12 @@ from gsa_cli.train.loop import (
     Trainer,
     TrainingStoppedError,
 )
+from gsa_cli.train.options import TrainOptions
 from gsa_cli.train.recipe import ModelEma, batch_mixing, build_optimizer, build_schedule, param_groups
 from gsa_cli.train.record import RunFacts, summarise, write_or_stop
+from gsa_cli.train.streams import LOADER, MIXING, KeyedSampler, SeededSamples, stream_seed
 
 __all__ = ["RunReporter", "TrainOptions", "TrainingStoppedError", "train"]
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """How (not what) to train: where, on which device, in which precision.
-
-    Args (fields):
-        out: The run directory; default ``runs/<preset>-<model>-<timestamp>``.
-        resume: A run directory to continue from its ``last.pt`` (its config, not a new one).
-        data: The data folder; default the ``GSA_DATA`` environment variable.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler).
-        channels_last: Train in the channels-last memory layout.
-        compile: ``torch.compile`` the model for training.
-        workers: Loader processes per rank; None: 0 for in-memory data sets, else up to 8.
-        threads: CPU threads for torch's operators; None: torch's default (one per core).
-        sync_bn: Synchronise BatchNorm statistics across ranks.
-        on_corrupt: Fail on an unreadable image (default), or skip it with a warning.
-    """
-
-    out: Path | None = None
-    resume: Path | None = None
-    data: str | None = None
-    device: str = "auto"
-    precision: Precision = Precision.FP32
-    channels_last: bool = False
-    compile: bool = False
-    workers: int | None = None
-    threads: int | None = None
-    sync_bn: bool = False
-    on_corrupt: OnCorrupt = OnCorrupt.FAIL
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,17 +196,22 @@ class _Run:
         self.corrupt = CorruptFiles(options.on_corrupt, self.reporter.message)
         workers = loader_workers(options.workers, root, world_size=world.world_size)
         batch_size, pin_memory = config.recipe.batch_size, self.device.type == "cuda"
-        self.sampler = TrainSampler(
-            train_set, rank=world.rank, world_size=world.world_size, seed=config.recipe.seed
-        )
+        seed = config.recipe.seed
+        self.sampler = TrainSampler(train_set, rank=world.rank, world_size=world.world_size, seed=seed)
         if self.sampler.num_samples < 2:
             raise ConfigError(
                 f"{self.sampler.total_size} training images are too few to train on "
                 f"{world.world_size} rank(s)"
             )
         loader = functools.partial(make_loader, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
-        # No ragged last batch in training, if a full one exists.
-        self.train_loader = loader(train_set, self.sampler, drop_last=self.sampler.num_samples >= batch_size)
+        # No ragged last batch in training, if a full one exists. Augmentation keyed by (epoch, index).
+        self.loader_seeds = torch.Generator()  # reseeded per epoch (see the streams module)
+        self.train_loader = loader(
+            SeededSamples(train_set, seed),
+            KeyedSampler(self.sampler),
+            drop_last=self.sampler.num_samples >= batch_size,
+            generator=self.loader_seeds,
+        )
         shard = ShardSampler(len(val_set), rank=world.rank, world_size=world.world_size)  # type: ignore[arg-type]
         self.val_loader = loader(val_set, shard, drop_last=False)
 
@@ -303,6 +278,7 @@ class _Run:
             # Only skipping can leave a rank without a batch; failing stops the run on that rank.
             agree=distributed.all_ranks if self.options.on_corrupt is OnCorrupt.SKIP else (lambda keep: keep),
             batch_transform=batch_mixing(recipe, num_classes=self.config.data.num_classes),
+            seed=stream_seed(MIXING, recipe.seed, self.world.rank),
             sync_every=1 if device.type == "cpu" else 10,
         )
 
@@ -363,6 +339,7 @@ class _Run:
         """Train the next epoch (or the rest of it), evaluate, save, report; stop if signalled."""
         recipe = self.config.recipe
         self.sampler.set_epoch(self.epoch)
+        self.loader_seeds.manual_seed(stream_seed(LOADER, recipe.seed, self.world.rank, self.epoch))
         self.sampler.start = self.batches_done * recipe.batch_size
         outcome = self.trainer.train_epoch(
             self.train_loader,
