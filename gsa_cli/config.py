@@ -55,6 +55,7 @@ class Dataset(str, Enum):
     IMAGENET = "imagenet"
     CIFAR100 = "cifar100"
     DIGITS = "digits"
+    FASHION_MNIST = "fashion-mnist"  # the four IDX files of Zalando's Fashion-MNIST (gsa_cli.fashion)
     SYNTHETIC = "synthetic"
     LONGRANGE = "longrange"  # two glyphs a set distance apart: same shape or not (gsa_cli.longrange)
 
