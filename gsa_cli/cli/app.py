@@ -265,8 +265,9 @@ def train_command(
         resume=resume,
         data=data,
         device=device,
-        precision=precision,
-        channels_last=channels_last,
+        # Not given: fp32 and the default layout, or a resumed run's own (given, they must be its own).
+        precision=precision if _given(ctx, "precision") else None,
+        channels_last=channels_last if _given(ctx, "channels_last") else None,
         compile=compile_model,
         workers=workers,
         threads=threads,

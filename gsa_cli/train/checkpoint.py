@@ -17,11 +17,14 @@ repeats the run's own evaluation:
   (``partial``), when a signal stopped it part-way, so that the epoch's metrics still cover the whole
   epoch; optimizer updates; the best epoch so far; the top-1 of the weights just evaluated (EMA
   when there is one), which ``gsa eval`` compares its own against.
-- **every rank's random state** (Python's, torch's CPU and CUDA generators), so that a resumed run
-  draws the same augmentations; restored only when the world size is the same.
+- **every rank's random state** (Python's, torch's CPU and CUDA generators), restored on resume.
+  Augmentation, batch mixing and loader seeds do not draw from them: each is keyed to the run's seed
+  and where the run stands (:mod:`gsa_cli.train.streams`), so a resumed run draws what an
+  uninterrupted one draws, whatever its loader workers.
 - **how it computed**: precision and memory layout, which change the numbers, so a resume and an
-  evaluation use the ones the run trained with; and its wall time and start, so that the run's
-  summary counts all of its sessions.
+  evaluation use the ones the run trained with (a resume given others is refused, as is one on another
+  world size or on a training set of another size: ``train_images``); and its wall time and start, so
+  that the run's summary counts all of its sessions.
 - **the run's record**: every finished epoch's row of ``metrics.csv`` (``metrics``), from which, with
   the best epoch, wall time and start above, ``metrics.csv`` and ``summary.json`` are written again.
 
@@ -54,7 +57,8 @@ one is refused with one line that names the file and the key, never a ``KeyError
 the record does not know are ignored. The keys and their value types are the format: changing them
 means a new format name, so that files written by earlier versions keep loading. ``metrics`` was
 added to ``gsa-checkpoint/1`` as an optional key (earlier readers ignore it): a file without it
-resumes with the rows of its run's ``metrics.csv``, as before.
+resumes with the rows of its run's ``metrics.csv``, as before. ``train_images`` was added the same
+way: a file without it resumes without the check of the data's size.
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ class Checkpoint:
     wall_time_s: float  # of every session so far
     started: str  # ISO time of the run's first session
     metrics: tuple[EpochMetrics, ...] | None = None  # the finished epochs' rows (None: in metrics.csv)
+    train_images: int | None = None  # in the training set (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         """The file's dict: plain values only, as ``torch.load(weights_only=True)`` reads them."""
@@ -161,6 +166,8 @@ class Checkpoint:
             "precision": self.options.precision.value,
             "channels_last": self.options.channels_last,
         }
+        if self.train_images is None:
+            del payload["train_images"]
         if self.metrics is None:
             del payload["metrics"]
         else:
@@ -196,6 +203,7 @@ class Checkpoint:
             wall_time_s=read.number("wall_time_s"),
             started=read.take("started", str, "a string"),
             metrics=_metrics(read) if "metrics" in payload else None,
+            train_images=read.integer("train_images") if "train_images" in payload else None,
         )
 
     def save(self, path: Path) -> None:

@@ -61,7 +61,7 @@ from gsa_cli.train.loop import (
     Trainer,
     TrainingStoppedError,
 )
-from gsa_cli.train.options import TrainOptions
+from gsa_cli.train.options import TrainOptions, check_resume, numerics
 from gsa_cli.train.recipe import ModelEma, batch_mixing, build_optimizer, build_schedule, param_groups
 from gsa_cli.train.record import RunFacts, summarise, write_or_stop
 from gsa_cli.train.streams import LOADER, MIXING, KeyedSampler, SeededSamples, stream_seed
@@ -139,6 +139,13 @@ class _Run:
         try:
             resumed = self._open(config)
             self._data()
+            if resumed is not None:
+                check_resume(
+                    resumed,
+                    world_size=world.world_size,
+                    train_images=self.train_images,
+                    data=self.data_root,
+                )
             forward = self._build_model()
             self._build_trainer(forward)
             self.epoch, self.batches_done = 0, 0  # epochs finished; batches done of the next one
@@ -169,12 +176,12 @@ class _Run:
                 distributed.on_main(self.world, functools.partial(self._claim, self.run_dir.path))
             resumed = Checkpoint.load(self.run_dir.last)
             self.config = config_from_checkpoint(resumed, self.run_dir.last)
-            self.precision, self.channels_last = resumed.options.precision, resumed.options.channels_last
+            self.precision, self.channels_last = numerics(self.options, resumed)
             return resumed
         if config is None:
             raise ConfigError("give a config to train, or a run directory to resume")
         self.config = config
-        self.precision, self.channels_last = self.options.precision, self.options.channels_last
+        self.precision, self.channels_last = numerics(self.options, None)
         distributed.on_main(self.world, functools.partial(self._claim, self.options.out))
         main_dir = str(self.run_dir.path) if self.world.is_main else ""
         self.run_dir = RunDir(Path(distributed.broadcast(main_dir)))
@@ -193,6 +200,7 @@ class _Run:
         config, world, options = self.config, self.world, self.options
         root = data_root(options.data or os.environ.get(DATA_ENV) or None, config.data)
         train_set, val_set = build_datasets(config, root)
+        self.train_images, self.data_root = len(train_set), str(root)  # type: ignore[arg-type]
         self.corrupt = CorruptFiles(options.on_corrupt, self.reporter.message)
         workers = loader_workers(options.workers, root, world_size=world.world_size)
         batch_size, pin_memory = config.recipe.batch_size, self.device.type == "cuda"
@@ -434,6 +442,7 @@ class _Run:
             wall_time_s=self._wall_time(),
             started=self.started,
             metrics=tuple(self.rows),
+            train_images=self.train_images,
         )
 
     def _wall_time(self) -> float:
