@@ -233,6 +233,11 @@ def test_unreadable_or_foreign_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(GsaError, match=r"garbage.pt: not a (readable|gsa) checkpoint"):
         Checkpoint.load(garbage)
 
+    for name, text in (("notes.pt", "hello\n"), ("config.pt", "model:\n  depth: 26\n"), ("empty.pt", "")):
+        (tmp_path / name).write_text(text)  # a text file given as a checkpoint: one line, no KeyError
+        with pytest.raises(GsaError, match=rf"{name}: not a readable checkpoint"):
+            Checkpoint.load(tmp_path / name)
+
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, other)
     with pytest.raises(GsaError, match=r"other.pt: not a gsa checkpoint"):

@@ -318,6 +318,9 @@ def _read_file(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise GsaError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+    except (KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError):
+        # What the legacy (non-zip) reader raises on bytes that are no pickle at all: a text file.
+        raise GsaError(f"{path}: not a readable checkpoint (not a torch file: a text file?)") from None
 
 
 class _Reader:
