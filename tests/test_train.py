@@ -196,7 +196,8 @@ def test_a_run_stopped_after_an_epoch_resumes_to_the_same_metrics(tmp_path: Path
     with pytest.raises(TrainingStoppedError, match=r"stopped by SIGINT .* --resume") as stopped:
         train(config, cpu(tmp_path / "parts"), reporter=Quiet(at_epoch_end=interrupt))
     assert stopped.value.exit_code == 128 + signal.SIGINT
-    assert json.loads((tmp_path / "parts" / "summary.json").read_text())["epochs_done"] == 1
+    stopped_summary = json.loads((tmp_path / "parts" / "summary.json").read_text())
+    assert (stopped_summary["epochs_done"], stopped_summary["status"]) == (1, "interrupted")
 
     reporter = Quiet()
     resumed = train(None, TrainOptions(resume=tmp_path / "parts", device="cpu"), reporter=reporter)

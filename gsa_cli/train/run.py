@@ -364,6 +364,8 @@ class _Run:
         is_best = self._save_epoch(row)
         self.reporter.epoch_end(row, recipe.epochs, is_best)
         if self.epoch < recipe.epochs and self.trainer.stop_requested():
+            summary = self._summary("interrupted")  # the epoch's commit said "running"
+            self._write(lambda: self.run_dir.write_summary(summary))
             raise self._stopped()
 
     def _validate(self, outcome: EpochOutcome) -> EpochMetrics:
