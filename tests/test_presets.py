@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from gsa_cli import ConfigError, load_preset
-from gsa_cli.config import ModelKind, config_to_yaml
+from gsa_cli.config import Config, ModelKind, config_to_yaml
 from gsa_cli.errors import DeprecatedKeyWarning
 from gsa_cli.presets import preset_dir, preset_names
 
@@ -55,6 +55,46 @@ def test_imagenet_and_cifar_presets_carry_the_spec_layouts() -> None:
     assert (cifar.data.img_size, cifar.data.num_classes, cifar.model.stem.value) == (32, 100, "cifar")
     assert cifar.model.stage_blocks == (1, 2, 4, 1)
     assert load_preset("imagenet101").model.stage_blocks == (3, 4, 23, 3)
+
+
+def _resnet_parameters(config: Config) -> int:
+    """A bottleneck ResNet's parameters, counted by hand from its layout: a 3x3 stem conv and BN, then per
+    block a 1x1 reduce, the spatial operator (a 3x3 conv, or GSA's 1x1 qkv, its two relative tables of
+    ``2 * span - 1`` rows and a BN), a 1x1 expand (x4), three BNs and, where the shape changes, a 1x1
+    projection and BN; then the classifier. GSA's span is each block's input size (the preset's null)."""
+    data, model = config.data, config.model
+    width, size = model.width, data.img_size
+    total = 9 * data.channels * width + 2 * width
+    channels = width
+    for index, blocks in enumerate(model.stage_blocks):
+        inner = width * 2**index
+        out = 4 * inner
+        for block in range(blocks):
+            stride = 2 if index > 0 and block == 0 else 1
+            if model.kind is ModelKind.GSA:
+                spatial = 3 * inner * inner + 2 * (2 * size - 1) * inner + 2 * inner
+            else:
+                spatial = 9 * inner * inner
+            total += channels * inner + spatial + inner * out + 2 * (inner + inner + out)
+            if channels != out or stride == 2:
+                total += channels * out + 2 * out
+            channels, size = out, (size - 1) // stride + 1
+    return total + channels * data.num_classes + data.num_classes
+
+
+def test_the_fashion_preset_builds_both_twins_with_one_recipe() -> None:
+    from gsa_cli.models import count_parameters
+
+    conv, gsa = load_preset("fashion", model="conv"), load_preset("fashion", model="gsa")
+    for config in (conv, gsa):
+        assert config.data.dataset.value == "fashion-mnist"
+        assert (config.data.img_size, config.data.channels, config.data.num_classes) == (28, 1, 10)
+        assert (config.model.stem.value, config.model.stage_blocks) == ("cifar", (1, 2, 4, 1))
+        assert config.model.attention_stages == (1, 2, 3, 4)
+        assert count_parameters(config) == _resnet_parameters(config)
+    assert conv.recipe == gsa.recipe  # the twins are trained alike
+    assert conv.data == gsa.data
+    assert count_parameters(gsa) < count_parameters(conv)
 
 
 def test_model_kind_defaults_to_gsa() -> None:
