@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fashion-MNIST, conv against GSA: train both twins of the `fashion` preset on the real files (60,000
+# training images; the 10,000 test images evaluated after every epoch), one after the other with every
+# core, evaluate each run's best checkpoint, then compare the two runs (tables, learning-curve plots and
+# a Markdown report in OUT_DIR/compare).
+#   bash benchmarks/fashion.sh [OUT_DIR] [DATA_ROOT]
+# DATA_ROOT holds the four IDX files (gzipped or not; also under fashion-mnist/ or FashionMNIST/raw/);
+# without it, GSA_DATA or else Debian's /usr/share/datasets/fashion-mnist (apt-get install
+# dataset-fashion-mnist). Each twin's run is designed to take at most 30 minutes on the 2-core CPU.
+set -euo pipefail
+out=${1:-runs/fashion}
+data=()
+if [[ $# -ge 2 ]]; then
+    data=(--data "$2")
+fi
+mkdir -p "$out"
+for model in conv gsa; do
+    gsa train --preset fashion --model "$model" "${data[@]}" --out "$out/fashion-$model" \
+        2>&1 | tee "$out/fashion-$model.log"
+    gsa eval "$out/fashion-$model" "${data[@]}" 2>&1 | tee -a "$out/fashion-$model.log"
+done
+gsa compare "$out/fashion-conv" "$out/fashion-gsa" --accuracy eval --out "$out/compare"
