@@ -1,4 +1,4 @@
-"""Data sets, transforms, samplers and loaders for the five data sets a preset can name.
+"""Data sets, transforms, samplers and loaders for the six data sets a preset can name.
 
 - ``imagenet``: the ImageFolder layout ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (``ROOT`` may
   also hold it under ``imagenet/``), the same classes in both; RandomResizedCrop and flip to train,
@@ -7,6 +7,8 @@
 - ``cifar100``: the ``cifar-100-python`` folder (``train``, ``test``, ``meta``), its pickles read by
   :mod:`gsa_cli.cifar`'s restricted unpickler (nothing in them runs); a crop padded by ``img_size / 8``
   (4 pixels at 32) and flip to train, a resize to evaluate when ``img_size`` is not 32.
+- ``fashion-mnist``: the four IDX files (:mod:`gsa_cli.fashion`), by default from Debian's folder, held in
+  memory; a crop padded by 2 pixels and flip to train.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits, split once into train and test
   (stratified, 20% test, a fixed seed), scaled to the preset's image size; padded crop, no flip.
 - ``synthetic``: deterministic random images around one random prototype per class (learnable, so a
@@ -15,8 +17,8 @@
   (:mod:`gsa_cli.longrange`), generated in memory from fixed seeds; float images already centred, no
   crop or flip.
 
-The folder of the two file-based sets comes from ``--data`` or the ``GSA_DATA`` environment variable
-(:func:`data_root`); the other three live in memory. Every image goes through the same tail: an image
+The folder of the three file-based sets comes from ``--data`` or the ``GSA_DATA`` environment variable
+(:func:`data_root`); the others are generated or bundled. Every image goes through the same tail: an image
 tensor, optional RandAugment (training), float (uint8 scaled to [0, 1]), normalised with the data set's
 statistics. An unreadable image is reported by its path: :class:`CheckedDataset` turns it into a
 :class:`BadSample`, the loaders' collate function sets it aside, and :meth:`CorruptFiles.check` (in the
@@ -50,6 +52,8 @@ from gsa_cli.cifar import DataError as DataError  # re-exported: defined with th
 from gsa_cli.config import Config, DataConfig
 from gsa_cli.config import Dataset as DatasetKind
 from gsa_cli.errors import ConfigError
+from gsa_cli.fashion import FASHION_LAYOUT, read_fashion_mnist
+from gsa_cli.fashion import default_root as fashion_default_root
 
 DATA_ENV = "GSA_DATA"  # the data folder when --data is not given
 
@@ -58,6 +62,7 @@ NORMALIZATION: dict[DatasetKind, tuple[tuple[float, ...], tuple[float, ...]]] = 
     DatasetKind.IMAGENET: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     DatasetKind.CIFAR100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     DatasetKind.DIGITS: ((0.305,), (0.376,)),
+    DatasetKind.FASHION_MNIST: ((0.2860,), (0.3530,)),  # of the 60,000 training images
     DatasetKind.SYNTHETIC: ((0.5,), (0.25,)),
     DatasetKind.LONGRANGE: ((0.0,), (1.0,)),  # generated as floats around 0 already
 }
@@ -65,6 +70,7 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 SYNTHETIC_SEED = 1234
 LONGRANGE_SEEDS = (0, 1000)  # training and validation sets
+NATIVE_SIZE = {DatasetKind.CIFAR100: 32, DatasetKind.FASHION_MNIST: 28}  # resized to evaluate at others
 EVAL_CROP_RATIO = 0.875  # ImageNet: resize to img_size / 0.875, then centre-crop img_size
 
 IMAGENET_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder)"
@@ -160,6 +166,9 @@ def train_transform(data: DataConfig, *, randaugment: bool) -> v2.Compose:
         steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
     elif data.dataset is DatasetKind.DIGITS:
         steps += [v2.RandomCrop(size, padding=max(1, size // 8))]  # no flip: digits are not symmetric
+    elif data.dataset is DatasetKind.FASHION_MNIST:
+        resize = [v2.Resize(size, antialias=True)] if size != NATIVE_SIZE[data.dataset] else []
+        steps += [*resize, v2.RandomCrop(size, padding=2), v2.RandomHorizontalFlip()]
     if randaugment:
         steps.append(v2.RandAugment())
     return v2.Compose(steps + _normalize(data.dataset))
@@ -171,7 +180,7 @@ def eval_transform(data: DataConfig) -> v2.Compose:
     if data.dataset is DatasetKind.IMAGENET:
         resize = math.floor(data.img_size / EVAL_CROP_RATIO)
         steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(data.img_size)]
-    elif data.dataset is DatasetKind.CIFAR100 and data.img_size != 32:
+    elif data.img_size != NATIVE_SIZE.get(data.dataset, data.img_size):  # stored at another size
         steps += [v2.Resize(data.img_size, antialias=True)]
     return v2.Compose(steps + _normalize(data.dataset))
 
@@ -327,6 +336,11 @@ def _cifar100(root: Path, train: bool, transform: Callable[[Any], Any]) -> Datas
     return TensorImages(torch.from_numpy(images), torch.from_numpy(labels), transform)
 
 
+def _fashion(root: Path, train: bool, transform: Callable[[Any], Any]) -> Dataset[Any]:
+    images, labels = read_fashion_mnist(root, train=train)  # (N, 28, 28) uint8, (N,) int64
+    return TensorImages(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), transform)
+
+
 def data_root(path: str | Path | None, data: DataConfig) -> Path | None:
     """The folder to read ``data`` from: ``path`` (from ``--data`` or ``GSA_DATA``), checked.
 
@@ -335,7 +349,10 @@ def data_root(path: str | Path | None, data: DataConfig) -> Path | None:
     """
     if data.dataset in (DatasetKind.DIGITS, DatasetKind.SYNTHETIC, DatasetKind.LONGRANGE):
         return None
-    layout = IMAGENET_LAYOUT if data.dataset is DatasetKind.IMAGENET else CIFAR_LAYOUT
+    if data.dataset is DatasetKind.FASHION_MNIST and (path is None or str(path) == ""):
+        return fashion_default_root()  # Debian's folder, or one line naming it
+    layouts = {DatasetKind.IMAGENET: IMAGENET_LAYOUT, DatasetKind.FASHION_MNIST: FASHION_LAYOUT}
+    layout = layouts.get(data.dataset, CIFAR_LAYOUT)
     if path is None or str(path) == "":
         raise DataError(
             f"the {data.dataset.value} data set needs a folder: pass --data ROOT or set GSA_DATA "
@@ -381,6 +398,12 @@ def build_datasets(
         train_x, train_y, val_x, val_y = _longrange(data)
         return TensorImages(train_x, train_y, train_tf), TensorImages(val_x, val_y, eval_tf)
     assert root is not None, "data_root() gives a folder for file-based data sets"
+    if data.dataset is DatasetKind.FASHION_MNIST:
+        if data.channels != 1 or data.num_classes != 10:
+            raise ConfigError(
+                "data: Fashion-MNIST images have 1 channel, 10 classes (channels: 1, num_classes: 10)"
+            )
+        return _fashion(root, True, train_tf), _fashion(root, False, eval_tf)
     if data.dataset is DatasetKind.IMAGENET:
         base = _imagenet_root(root)
         train, classes = _image_folder(base, "train", data, train_tf, classes=None)
@@ -452,9 +475,17 @@ def make_loader(
     )
 
 
-def loader_workers(requested: int | None, root: Path | None, *, world_size: int) -> int:
+def held_in_memory(data: DataConfig) -> bool:
+    """Whether the data set is held in memory as tensors (no image files decoded while loading)."""
+    return data.dataset not in (DatasetKind.IMAGENET, DatasetKind.CIFAR100)
+
+
+def loader_workers(
+    requested: int | None, root: Path | None, *, world_size: int, in_memory: bool = False
+) -> int:
     """Loader processes per rank: ``requested`` (``--workers``) if given, else 0 for the data sets held
-    in memory and, for those read from files, the cores shared among this machine's ranks (1 to 8).
+    in memory (no ``root``, or ``in_memory``: Fashion-MNIST) and, for those read image by image, the cores
+    shared among this machine's ranks (1 to 8).
 
     Raises:
         ConfigError: for a negative ``requested``.
@@ -463,7 +494,7 @@ def loader_workers(requested: int | None, root: Path | None, *, world_size: int)
         if requested < 0:
             raise ConfigError(f"--workers must not be negative, got {requested}")
         return requested
-    if root is None:  # digits, synthetic and longrange live in memory
+    if root is None or in_memory:  # digits, synthetic, longrange and fashion-mnist live in memory
         return 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     return max(1, min(8, (os.cpu_count() or 1) // local))

@@ -288,3 +288,39 @@ def test_an_empty_split_is_refused(tmp_path: Path) -> None:
     make_fashion(tmp_path, gz=False)
     path = write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8), magic=LABELS, gz=False)
     assert _refused(tmp_path, train=False).startswith(f"{path}: the header announces no labels")
+
+
+def test_gsa_train_and_eval_run_the_fashion_preset_on_idx_files(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gsa_cli.cli.app import app
+    from gsa_cli.results import RunDir
+
+    make_fashion(tmp_path / "data" / "FashionMNIST" / "raw", gz=True, train=40, test=20)
+    out = tmp_path / "run"
+    shrink = ["--set", "recipe.batch_size=8", "--threads", "1"]
+    command = ["train", "--preset", "fashion", "--epochs", "1", "--data", str(tmp_path / "data")]
+    result = CliRunner().invoke(app, [*command, "--out", str(out), *shrink])
+    assert result.exit_code == 0, result.output
+    rows = RunDir(out).read_metrics()
+    assert [row.epoch for row in rows] == [1]
+    evaluated = CliRunner().invoke(app, ["eval", str(out), "--data", str(tmp_path / "data")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "20" in evaluated.output  # the 20 test images, each counted once
+
+
+def test_training_without_data_names_the_debian_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from gsa_cli.cli.app import app
+
+    monkeypatch.setattr(fashion, "DEBIAN_ROOT", tmp_path / "absent")
+    monkeypatch.delenv("GSA_DATA", raising=False)
+    result = CliRunner().invoke(app, ["train", "--preset", "fashion", "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert str(tmp_path / "absent") in lines[0]
+    assert not (tmp_path / "run").exists()  # a start that fails writes nothing

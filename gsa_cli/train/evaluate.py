@@ -15,6 +15,7 @@ from gsa_cli.data import (
     ShardSampler,
     build_datasets,
     data_root,
+    held_in_memory,
     loader_workers,
     make_loader,
 )
@@ -81,7 +82,7 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
         val_set,
         ShardSampler(len(val_set), rank=0, world_size=1),  # type: ignore[arg-type]
         batch_size=batch_size,
-        workers=loader_workers(options.workers, root, world_size=1),
+        workers=loader_workers(options.workers, root, world_size=1, in_memory=held_in_memory(config.data)),
         pin_memory=device.type == "cuda",
         drop_last=False,
     )

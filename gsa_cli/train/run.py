@@ -35,6 +35,7 @@ from gsa_cli.data import (
     TrainSampler,
     build_datasets,
     data_root,
+    held_in_memory,
     loader_workers,
     make_loader,
 )
@@ -202,7 +203,8 @@ class _Run:
         train_set, val_set = build_datasets(config, root)
         self.train_images, self.data_root = len(train_set), str(root)  # type: ignore[arg-type]
         self.corrupt = CorruptFiles(options.on_corrupt, self.reporter.message)
-        workers = loader_workers(options.workers, root, world_size=world.world_size)
+        in_memory = held_in_memory(config.data)
+        workers = loader_workers(options.workers, root, world_size=world.world_size, in_memory=in_memory)
         batch_size, pin_memory = config.recipe.batch_size, self.device.type == "cuda"
         seed = config.recipe.seed
         self.sampler = TrainSampler(train_set, rank=world.rank, world_size=world.world_size, seed=seed)
