@@ -223,3 +223,31 @@ def test_comparing_runs_does_not_import_torch(two_runs: list[Path]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (Path(out) / "compare.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((99.17, 99.17), (98.67, 99.67)),  # equal: one point around them, not matplotlib's padding
+        ((99.9, 99.9), (99.0, 100.0)),  # never above 100%
+        ((80.0, 90.0), None),  # a real spread keeps matplotlib's limits
+    ],
+)
+def test_the_accuracy_axis_spans_at_least_a_point_and_stops_at_100(
+    values: tuple[float, float], expected: tuple[float, float] | None
+) -> None:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from gsa_cli.report.plots import _at_least_one_point
+
+    axis = Figure().subplots()
+    axis.scatter([1, 2], list(values))
+    axis.margins(y=0.2)
+    before = axis.get_ylim()
+    _at_least_one_point(axis, pd.Series(values))
+    low, high = axis.get_ylim()
+    if expected is None:
+        assert (low, high) == pytest.approx(before)
+    else:
+        assert (low, high) == pytest.approx(expected, abs=1e-6)

@@ -109,11 +109,17 @@ def _count(value: float) -> str:
 
 
 def _at_least_one_point(axis: Any, top1: pd.Series) -> None:
-    """A y range of at least one percentage point, so that a difference of 0.04 does not fill the plot."""
+    """A y range of at least one percentage point, so that a difference of 0.04 does not fill the plot
+    (and of one point when every run has the same top-1), never above 100%."""
     low, high = axis.get_ylim()
     middle = (top1.min() + top1.max()) / 2
-    if high - low < 1 and not pd.isna(middle):
-        axis.set_ylim(middle - 0.5, middle + 0.5)
+    if pd.isna(middle):
+        return
+    if high - low < 1 or top1.min() == top1.max():  # equal values: matplotlib pads them by several points
+        low, high = middle - 0.5, middle + 0.5
+    if high > 100:
+        low, high = low - (high - 100), 100.0
+    axis.set_ylim(low, high)
 
 
 def _kind_legend(axis: Any, kinds: list[str]) -> None:
