@@ -45,7 +45,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 DataOpt = Annotated[
     str | None,
     typer.Option(
-        "--data", envvar="GSA_DATA", help="Data folder (ImageFolder, cifar-100-python or Fashion-MNIST IDX files); env GSA_DATA."
+        "--data",
+        envvar="GSA_DATA",
+        help="Data folder (ImageFolder, cifar-100-python or Fashion-MNIST IDX files); env GSA_DATA.",
     ),
 ]
 WorkersOpt = Annotated[
