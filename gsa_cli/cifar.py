@@ -8,8 +8,7 @@ numpy array reconstruction those files use (under numpy 1's and numpy 2's module
 Python 3's protocols 4 and 5 write for a re-packed copy) and refuses every other global before it is
 looked up. Labels are checked against CIFAR-100's 100 classes as the file is read.
 
-:class:`DataError` is defined here, in the lowest module that raises it; :mod:`gsa_cli.data` re-exports
-it for every other data set.
+Its errors are :class:`~gsa_cli.errors.DataError`, as every data set's are.
 """
 
 from __future__ import annotations
@@ -20,17 +19,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gsa_cli.errors import GsaError
+from gsa_cli.errors import DataError
 
 CIFAR_LAYOUT = "ROOT/cifar-100-python/{train,test,meta} (the extracted cifar-100-python.tar.gz)"
 CLASSES = 100
 PIXELS = 3 * 32 * 32  # one channel-major row of ``data``
 CORES = ("core", "_core")  # numpy 2 renamed numpy.core to numpy._core: pickles name either
 REPLACE = "replace it with the file from cifar-100-python.tar.gz"
-
-
-class DataError(GsaError):
-    """A data set that is missing, malformed, or holds an unreadable file."""
 
 
 class CifarUnpickler(pickle.Unpickler):

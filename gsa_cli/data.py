@@ -48,10 +48,10 @@ from torchvision.transforms import v2
 
 from gsa_cli.choices import OnCorrupt as OnCorrupt  # re-exported: the enum lives in choices.py
 from gsa_cli.cifar import CIFAR_LAYOUT, read_cifar100
-from gsa_cli.cifar import DataError as DataError  # re-exported: defined with the CIFAR reader
 from gsa_cli.config import Config, DataConfig
 from gsa_cli.config import Dataset as DatasetKind
 from gsa_cli.errors import ConfigError
+from gsa_cli.errors import DataError as DataError  # re-exported: its old home
 from gsa_cli.fashion import FASHION_LAYOUT, read_fashion_mnist
 from gsa_cli.fashion import default_root as fashion_default_root
 

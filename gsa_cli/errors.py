@@ -20,5 +20,9 @@ class ConfigError(GsaError):
     exit_code = 2
 
 
+class DataError(GsaError):
+    """A data set that is missing, malformed, or holds an unreadable file."""
+
+
 class DeprecatedKeyWarning(FutureWarning):
     """A preset or override uses a key's old name; the CLI shows it as one line."""

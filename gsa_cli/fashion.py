@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gsa_cli.cifar import DataError
+from gsa_cli.errors import DataError
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LAYOUT = (

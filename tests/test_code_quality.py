@@ -81,7 +81,7 @@ FOUNDATIONS: dict[str, tuple[str, ...]] = {
     "gsa_cli.runtime": ("gsa_cli.choices",),
     "gsa_cli.longrange": ("gsa_cli.config",),
     "gsa_cli.cifar": ("gsa_cli.config", "gsa_cli.choices"),
-    "gsa_cli.fashion": ("gsa_cli.cifar",),  # DataError is defined with the CIFAR reader
+    "gsa_cli.fashion": (),
     "gsa_cli.presets": ("gsa_cli.config", "gsa_cli.longrange", "gsa_cli.yamlio"),
     "gsa_cli.data": (
         "gsa_cli.config",
