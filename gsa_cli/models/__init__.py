@@ -17,6 +17,7 @@ __all__ = [
     "GlobalSelfAttention2d",
     "ResNet",
     "build_model",
+    "build_resnet",
     "count_parameters",
     "spatial_factory",
 ]
@@ -61,17 +62,37 @@ def spatial_factory(model: ModelConfig, stage: int) -> SpatialFactory:
 
 def build_model(config: Config) -> ResNet:
     """Build the network a resolved config describes (its ``model.kind`` picks the family)."""
-    model = config.model
+    return build_resnet(
+        config.model,
+        in_channels=config.data.channels,
+        num_classes=config.data.num_classes,
+        img_size=config.data.img_size,
+    )
+
+
+def build_resnet(
+    model: ModelConfig,
+    *,
+    in_channels: int,
+    num_classes: int,
+    img_size: int,
+    drop_rate: float = 0.0,
+    global_pool: str = "avg",
+) -> ResNet:
+    """The network of a validated model config for the given input and classes (0: no classifier); the
+    timm entry points (:mod:`gsa_cli.timm`) build through it."""
     blocks = model.stage_blocks
     return ResNet(
         blocks=blocks,
         spatial=[spatial_factory(model, stage) for stage in range(1, len(blocks) + 1)],
         width=model.width,
         stem=model.stem.value,
-        in_channels=config.data.channels,
-        num_classes=config.data.num_classes,
-        img_size=config.data.img_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        img_size=img_size,
         zero_init_residual=model.zero_init_residual,
+        drop_rate=drop_rate,
+        global_pool=global_pool,
     )
 
 
