@@ -26,3 +26,15 @@ class DataError(GsaError):
 
 class DeprecatedKeyWarning(FutureWarning):
     """A preset or override uses a key's old name; the CLI shows it as one line."""
+
+
+class GsaWarning(UserWarning):
+    """Something the user should know before a run goes on; the CLI shows it as one yellow line."""
+
+
+class ScheduleWarning(GsaWarning):
+    """A recipe whose learning-rate schedule cannot complete (its warm-up does not end before training)."""
+
+
+class BusyCpuWarning(GsaWarning):
+    """A CPU that other work keeps busy, on which torch's default threads would wait on each other."""

@@ -103,6 +103,7 @@ class RunSummary:
     git_revision: str | None
     started: str  # ISO 8601, local time
     updated: str
+    init: str | None = None  # the weights a warm start began from (--init; the run's init.json), or None
 
 
 @dataclass(frozen=True)

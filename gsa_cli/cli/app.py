@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from gsa_cli.cli import compare_cmd, eval_cmd, profile_cmd, render, train_cmd
 from gsa_cli.cli.context import STATE
 from gsa_cli.cli.options import DebugOpt, ModelOpt, PresetArg, SetOpt
-from gsa_cli.errors import DeprecatedKeyWarning, GsaError
+from gsa_cli.errors import DeprecatedKeyWarning, GsaError, GsaWarning
 
 
 class _Group(TyperGroup):
@@ -107,8 +107,9 @@ def _show_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    """Our own warnings (a renamed preset key) as one yellow line; any other as Python shows it."""
-    if issubclass(category, DeprecatedKeyWarning):
+    """Our own warnings (a renamed preset key, a schedule that cannot complete, a busy CPU) as one yellow
+    line; any other as Python shows it."""
+    if issubclass(category, DeprecatedKeyWarning | GsaWarning):
         render.notice("warning", str(message))
     else:
         _python_show_warning(message, category, filename, lineno, file, line)

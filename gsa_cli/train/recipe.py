@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gsa_cli.config import Optimizer, RecipeConfig
+from gsa_cli.errors import ScheduleWarning
 
 BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -58,12 +60,34 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, recipe: RecipeConfig, *, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, recipe: RecipeConfig, *, steps_per_epoch: int, warn: bool = False
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The recipe's warm-up and cosine, stepped once per update over ``recipe.epochs`` epochs."""
+    """The recipe's warm-up and cosine, stepped once per update over ``recipe.epochs`` epochs; ``warn``:
+    say so (a :class:`~gsa_cli.errors.ScheduleWarning`) when it cannot complete (see
+    :func:`schedule_problem`)."""
     total_steps = recipe.epochs * steps_per_epoch
     warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    problem = schedule_problem(recipe, steps_per_epoch=steps_per_epoch) if warn else None
+    if problem is not None:
+        warnings.warn(problem, ScheduleWarning, stacklevel=2)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+
+
+def schedule_problem(recipe: RecipeConfig, *, steps_per_epoch: int) -> str | None:
+    """Why the recipe's schedule cannot complete, or None when it can: a warm-up that does not end
+    before training does never starts the cosine, and the run ends at (or below) the peak learning rate
+    instead of near zero. Allowed, as a warm-up-only probe may want it, but never unsaid."""
+    total_steps = recipe.epochs * steps_per_epoch
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    if warmup < total_steps:
+        return None
+    last = warmup_cosine(total_steps, warmup)(total_steps - 1) * recipe.lr
+    where = "at the peak" if warmup == total_steps else f"at {last:.3g}, below the peak"
+    return (
+        f"recipe.warmup_epochs ({recipe.warmup_epochs:g}) is not below recipe.epochs ({recipe.epochs}): the "
+        f"learning rate never decays and the run ends {where} ({recipe.lr:g}); lower "
+        "recipe.warmup_epochs or raise recipe.epochs"
+    )
 
 
 class ModelEma:

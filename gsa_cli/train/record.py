@@ -46,6 +46,7 @@ class RunFacts:
     precision: Precision
     channels_last: bool
     compiled: bool
+    init: str | None = None  # the warm start's source (see gsa_cli.train.warmstart)
 
 
 def summarise(
@@ -87,6 +88,7 @@ def summarise(
         compiled=facts.compiled,
         started=started,
         updated=now_iso(),
+        init=facts.init,
         **_versions(),  # type: ignore[arg-type]
     )
 
