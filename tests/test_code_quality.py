@@ -71,6 +71,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "gsa_cli.report": ("gsa_cli.report", "gsa_cli.results", "gsa_cli.choices"),
     "gsa_cli.models": ("gsa_cli.models",),
+    # The timm entry points (an optional extra): presets' model configs, built by models/.
+    "gsa_cli.timm": ("gsa_cli.timm", "gsa_cli.models", "gsa_cli.presets", "gsa_cli.config", "gsa_cli.data"),
 }
 # The foundations import no layer above them.
 FOUNDATIONS: dict[str, tuple[str, ...]] = {
