@@ -28,6 +28,7 @@ from gsa_cli.train.checkpoint import (
     restore_rng,
 )
 from gsa_cli.train.distributed import World
+from gsa_cli.train.integrity import payload_digest
 from gsa_cli.train.loop import SilentReporter
 from gsa_cli.train.recipe import ModelEma, build_optimizer, build_schedule, param_groups
 from gsa_cli.train.run import TrainOptions, train
@@ -114,7 +115,8 @@ def test_the_record_writes_the_same_keys_and_value_types_as_before(tmp_path: Pat
     written.save(tmp_path / "new.pt")
     again = torch.load(tmp_path / "new.pt", weights_only=True)
     old = {"format": CHECKPOINT_FORMAT, **payload}
-    assert list(again) == list(old)
+    assert list(again) == [*old, "sha256"]  # and the checksum of them all (an optional key)
+    assert again["sha256"] == payload_digest(again)
     for key, value in old.items():
         assert type(again[key]) is type(value), key
     for key in ("partial", "best", "options"):

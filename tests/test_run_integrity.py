@@ -404,7 +404,9 @@ def test_eval_into_a_read_only_run_directory_prints_the_result_then_one_line(
     line = error_line(result)
     assert str(out / "eval.json") in line
     assert "read-only" in line
-    assert f"{top1:.2f}%" in result.output.split(line)[0]  # the result, before the error
+    table = result.output.split(line)[0]  # the result's table, before the error
+    assert f"{top1:.2f}%" in table
+    assert all(column in table for column in ("top-1", "top-5", "images/s", "recorded top-1"))
     assert not (out / "eval.json").exists()
     assert temporaries(out) == []
 

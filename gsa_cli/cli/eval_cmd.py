@@ -27,10 +27,15 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint on its validation split: top-1, top-5, loss, images/s; writes eval.json."""
     from gsa_cli.cli.progress import reporter_for
-    from gsa_cli.train.evaluate import EvalOptions, evaluate_checkpoint
+    from gsa_cli.train.evaluate import EvalNotSavedError, EvalOptions, evaluate_checkpoint
 
     at_least(batch_size, "--batch-size")
     options = EvalOptions(
         data=data, device=device, ema=ema, batch_size=batch_size, workers=workers, on_corrupt=on_corrupt
     )
-    render.eval_report(evaluate_checkpoint(target, options, reporter=reporter_for(render.console)))
+    try:
+        report = evaluate_checkpoint(target, options, reporter=reporter_for(render.console))
+    except EvalNotSavedError as err:
+        render.eval_report(err.report)  # the numbers first: the one line that follows says why unsaved
+        raise
+    render.eval_report(report)

@@ -23,8 +23,9 @@ repeats the run's own evaluation:
   uninterrupted one draws, whatever its loader workers.
 - **how it computed**: precision and memory layout, which change the numbers, so a resume and an
   evaluation use the ones the run trained with (a resume given others is refused, as is one on another
-  world size or on a training set of another size: ``train_images``); and its wall time and start, so
-  that the run's summary counts all of its sessions.
+  world size or on other data: ``train_images`` and ``data``, the data's fingerprint); and its wall time
+  and start, so that the run's summary counts all of its sessions (``gsa eval`` also checks that a
+  checkpoint in a run directory is that run's by its start).
 - **the run's record**: every finished epoch's row of ``metrics.csv`` (``metrics``), from which, with
   the best epoch, wall time and start above, ``metrics.csv`` and ``summary.json`` are written again.
 
@@ -58,7 +59,13 @@ the record does not know are ignored. The keys and their value types are the for
 means a new format name, so that files written by earlier versions keep loading. ``metrics`` was
 added to ``gsa-checkpoint/1`` as an optional key (earlier readers ignore it): a file without it
 resumes with the rows of its run's ``metrics.csv``, as before. ``train_images`` was added the same
-way: a file without it resumes without the check of the data's size.
+way: a file without it resumes without the check of the data's size. ``data`` (the data's fingerprint,
+:class:`~gsa_cli.train.integrity.DataFingerprint`) too: a file without it resumes with the check of the
+size alone. And ``sha256``, the checksum of every other key's value
+(:func:`~gsa_cli.train.integrity.payload_digest`): a file whose contents do not match it is refused as
+corrupt in one line, by ``gsa eval`` and by a resume alike (a resume never falls back to another
+file); a file without it (written before it) is read unchecked. These optional keys keep the format
+``gsa-checkpoint/1``: earlier readers ignore them, and this one reads the files they wrote.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ from gsa_cli.presets import load_yaml_text, resolve_config
 from gsa_cli.results import METRIC_COLUMNS, EpochMetrics, RunDir, RunSummary, atomic_write
 from gsa_cli.runtime import Precision
 from gsa_cli.train.distributed import World
+from gsa_cli.train.integrity import CHECKSUM_KEY, DataFingerprint, payload_digest
 
 CHECKPOINT_FORMAT = "gsa-checkpoint/1"
 
@@ -152,6 +160,7 @@ class Checkpoint:
     started: str  # ISO time of the run's first session
     metrics: tuple[EpochMetrics, ...] | None = None  # the finished epochs' rows (None: in metrics.csv)
     train_images: int | None = None  # in the training set (None: not recorded)
+    data: DataFingerprint | None = None  # what it trained on (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         """The file's dict: plain values only, as ``torch.load(weights_only=True)`` reads them."""
@@ -168,10 +177,16 @@ class Checkpoint:
         }
         if self.train_images is None:
             del payload["train_images"]
+        if self.data is None:
+            del payload["data"]
+        else:
+            names = self.data.class_names
+            payload["data"] = {**asdict(self.data), "class_names": None if names is None else list(names)}
         if self.metrics is None:
             del payload["metrics"]
         else:
             payload["metrics"] = [asdict(row) for row in self.metrics]
+        payload[CHECKSUM_KEY] = payload_digest(payload)  # last: of every key above
         return payload
 
     @classmethod
@@ -204,6 +219,7 @@ class Checkpoint:
             started=read.take("started", str, "a string"),
             metrics=_metrics(read) if "metrics" in payload else None,
             train_images=read.integer("train_images") if "train_images" in payload else None,
+            data=_fingerprint(read.nested("data")) if "data" in payload else None,
         )
 
     def save(self, path: Path) -> None:
@@ -228,6 +244,12 @@ class Checkpoint:
         payload = _read_file(path)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise GsaError(f"{path}: not a gsa checkpoint (expected one written by gsa train)")
+        checksum = payload.get(CHECKSUM_KEY)
+        if checksum is not None and checksum != payload_digest(payload):  # none: written before it
+            raise GsaError(
+                f"{path}: corrupt: its contents do not match the checksum saved in it (damaged on disk "
+                "or in a copy); nothing was loaded from it: use an intact copy"
+            )
         return cls.from_dict(payload, path)
 
 
@@ -407,6 +429,21 @@ def _trained_with(read: _Reader) -> TrainedWith:
         choices = ", ".join(p.value for p in Precision)
         raise read.error("precision", f"should be one of {choices}, got {precision!r}")
     return TrainedWith(Precision(precision), read.take("channels_last", bool, "true or false"))
+
+
+def _fingerprint(read: _Reader) -> DataFingerprint:
+    names = read.optional("class_names", list, "a list")
+    if names is not None and not all(isinstance(name, str) for name in names):
+        raise read.error("class_names", "should be a list of strings")
+    return DataFingerprint(
+        dataset=read.take("dataset", str, "a string"),
+        num_classes=read.integer("num_classes"),
+        class_names=None if names is None else tuple(names),
+        train_images=read.integer("train_images"),
+        val_images=read.integer("val_images"),
+        train_content=read.take("train_content", str, "a string"),
+        val_content=read.take("val_content", str, "a string"),
+    )
 
 
 def _metrics(read: _Reader) -> tuple[EpochMetrics, ...]:

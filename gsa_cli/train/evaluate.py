@@ -1,4 +1,13 @@
-"""Evaluating a checkpoint on its validation split: what ``gsa eval`` calls."""
+"""Evaluating a checkpoint on its validation split: what ``gsa eval`` calls.
+
+The result is written to ``eval.json`` beside the checkpoint. When that folder is a run directory (it
+holds a ``summary.json``), the checkpoint must be that run's: its start and what it trained (preset,
+model, data set) must be the ones ``summary.json`` records, else the evaluation is refused in one line
+before anything is computed, so that a ``best.pt`` copied from another run never writes its numbers
+into this one's ``eval.json``. A checkpoint file outside any run directory is evaluated, and its
+``eval.json`` written beside it. (Two runs of one config started in the same second are not told
+apart: the summary records its start to the second.)
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from gsa_cli.config import Config
 from gsa_cli.data import (
     DATA_ENV,
     CorruptFiles,
@@ -24,6 +34,7 @@ from gsa_cli.models import build_model
 from gsa_cli.results import EvalReport, RunDir, now_iso
 from gsa_cli.runtime import device_name, resolve_device
 from gsa_cli.train.checkpoint import Checkpoint, config_from_checkpoint
+from gsa_cli.train.integrity import load_weights
 from gsa_cli.train.loop import Reporter, evaluate
 
 
@@ -63,13 +74,15 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
     size, precision and layout), so on the same device its top-1 is the recorded one exactly.
 
     Raises:
-        GsaError: for an unreadable or refused checkpoint, or missing data.
+        GsaError: for an unreadable, corrupt or refused checkpoint, one whose weights do not fit its
+            config, one in a run directory that is not its run's, or missing data.
         EvalNotSavedError: if ``eval.json`` cannot be written (its folder read-only or full, or another
-            process writing the run directory); the result is reported first, and carried.
+            process writing the run directory); it carries the result.
     """
     path = resolve_checkpoint(target)
     checkpoint = Checkpoint.load(path)
     config = config_from_checkpoint(checkpoint, path)
+    check_owner(checkpoint, config, path)
     device = resolve_device(options.device)
     precision, channels_last = checkpoint.options.precision, checkpoint.options.channels_last
     batch_size = options.batch_size or config.recipe.batch_size
@@ -89,7 +102,7 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
     model = build_model(config)
     ema = checkpoint.ema if options.ema else None
     use_ema = ema is not None
-    model.load_state_dict(ema if ema is not None else checkpoint.model)
+    load_weights(model, ema if ema is not None else checkpoint.model, path, "ema" if use_ema else "model")
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -123,8 +136,34 @@ def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporte
         torch_version=torch.__version__,
         created=now_iso(),
     )
-    _save(report, RunDir(path.parent), reporter)
+    _save(report, RunDir(path.parent))
     return report
+
+
+def check_owner(checkpoint: Checkpoint, config: Config, path: Path) -> None:
+    """Refuse a checkpoint inside a run directory that is not that run's (see the module's docstring).
+
+    Raises:
+        GsaError: naming the checkpoint, the run directory and the first thing that differs.
+    """
+    run = RunDir(path.parent)
+    if not run.summary.is_file():
+        return  # not a run directory: eval.json goes beside the file
+    summary = run.read_summary()
+    facts = {
+        "started": checkpoint.started,
+        "preset": checkpoint.preset,
+        "model_kind": config.model.kind.value,
+        "dataset": config.data.dataset.value,
+    }
+    for key, own in facts.items():
+        recorded = summary.get(key)
+        if recorded is not None and recorded != own:
+            raise GsaError(
+                f"{path}: not the checkpoint of the run in {run.path}: its run's {key} is {own}, "
+                f"{run.summary.name} says {recorded}; evaluate it in its own run directory, or copy "
+                "it out of this one"
+            )
 
 
 class EvalNotSavedError(GsaError):
@@ -135,9 +174,9 @@ class EvalNotSavedError(GsaError):
         self.report = report
 
 
-def _save(report: EvalReport, run: RunDir, reporter: Reporter) -> None:
+def _save(report: EvalReport, run: RunDir) -> None:
     """Write ``eval.json`` (holding the lock of a run directory, as its writers do); if it cannot be
-    written, report the result in one line and raise, so that the evaluation is not lost."""
+    written, raise with the result, so that the caller can still show it."""
     try:
         lock = run.claim(new=False) if run.summary.is_file() else None
         try:
@@ -146,9 +185,5 @@ def _save(report: EvalReport, run: RunDir, reporter: Reporter) -> None:
             if lock is not None:
                 lock.release()
     except GsaError as err:
-        reporter.message(
-            f"top-1 {report.top1:.2f}%, top-5 {report.top5:.2f}%, loss {report.loss:.4f} "
-            f"on {report.images:,} images ({report.weights} weights, epoch {report.epoch})"
-        )
         where = "" if str(err).startswith(str(run.eval)) else f"{run.eval}: not written: "
         raise EvalNotSavedError(f"{where}{err}; the result above is not saved", report) from None
