@@ -1,13 +1,15 @@
 """A resume keeps what the run trained with, or refuses in one line (issue 13, item 9).
 
 World size, precision, memory layout and data change the numbers (and the world size the schedule):
-a resume given other ones is refused naming the setting, the run's value and the given one. Batch size
+a resume given other ones is refused naming the setting, the run's value and the given one; for data,
+the first difference of its fingerprint (kind, classes, split sizes, content). Batch size
 and the rest of the config are the checkpoint's: the command line refuses them on resume.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from fixtures_data import make_image_folder
+from PIL import Image
 from test_train import Quiet, _error, smoke
 from typer.testing import CliRunner
 
@@ -104,3 +107,39 @@ def test_a_resume_refuses_a_new_batch_size_or_setting_on_the_command_line(tmp_pa
         result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), *flags])
         assert result.exit_code == 2
         assert f"--resume continues a run as it was configured; drop {flags[0]}" in _error(result)
+
+
+def test_a_resume_on_other_data_of_the_same_size_is_refused_naming_what_changed(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data")
+    config = smoke(2, "data.dataset=imagenet", "data.num_classes=3", "recipe.batch_size=6")
+    out = stopped_run(tmp_path / "run", config, data=str(data))
+
+    def variant(name: str) -> Path:
+        return Path(shutil.copytree(data, tmp_path / name))
+
+    renamed_class = variant("classes")  # the same images, one class folder named otherwise
+    for split in ("train", "val"):
+        (renamed_class / split / "n00000002").rename(renamed_class / split / "zebra")
+    renamed_file = variant("files")  # one training image under another name
+    (renamed_file / "train/n00000001/img_0.JPEG").rename(renamed_file / "train/n00000001/img_9.JPEG")
+    redrawn = variant("pixels")  # the same names, other pixels (every file: the fixed few among them)
+    for image in sorted((redrawn / "train").rglob("*.JPEG")):
+        Image.new("RGB", (24, 20), (7, 7, 7)).save(image, quality=90)
+    fewer_val = variant("val")
+    next((fewer_val / "val").rglob("*.JPEG")).unlink()
+    expected = {
+        renamed_class: "--data {} has other classes than the run: classes the run did not have: zebra; "
+        "lacks: n00000002",
+        renamed_file: "the training images of --data {} differ from the run's",
+        redrawn: "the training images of --data {} differ from the run's",
+        fewer_val: "the run validated on 6 images, --data {} has 5",
+    }
+    for root, message in expected.items():
+        with pytest.raises(ConfigError) as refused:
+            resume(out, data=str(root))
+        assert str(refused.value).startswith(f"data: {message.format(root)}")
+        assert str(refused.value).endswith("; resume with the run's data")
+    assert Checkpoint.load(out / "last.pt").epoch == 1  # nothing trained, nothing lost
+    # A checkpoint written before the fingerprint is checked by its training-set size alone.
+    replace(Checkpoint.load(out / "last.pt"), data=None).save(out / "last.pt")
+    assert resume(out, data=str(redrawn)).status == "finished"

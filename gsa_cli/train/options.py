@@ -5,7 +5,9 @@ A resume continues the run as it trained. Its config is the checkpoint's (the co
 checked here against the checkpoint and refused in one line naming the setting, the run's value and
 the given one: the world size (each rank's share of an epoch and the schedule's steps), precision and
 memory layout (given on resume they must be the run's; not given, the run's are used), and the data
-(its number of training images). Device, loader workers, threads and ``--compile`` may change.
+(its fingerprint: kind, classes, the sizes of both splits and a content hash of each, see
+:mod:`gsa_cli.train.integrity`; a checkpoint written before the fingerprint is checked by its number of
+training images alone). Device, loader workers, threads and ``--compile`` may change.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from gsa_cli.data import OnCorrupt
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.runtime import Precision
 from gsa_cli.train.checkpoint import Checkpoint
+from gsa_cli.train.integrity import DataFingerprint
 
 
 @dataclass(frozen=True)
@@ -74,13 +77,16 @@ def numerics(options: TrainOptions, resumed: Checkpoint | None) -> tuple[Precisi
     return run.precision, run.channels_last
 
 
-def check_resume(resumed: Checkpoint, *, world_size: int, train_images: int, data: str) -> None:
-    """Refuse a resume on another number of processes or other training data than the run's.
+def check_resume(resumed: Checkpoint, *, world_size: int, data: DataFingerprint, root: Path | None) -> None:
+    """Refuse a resume on another number of processes or other data than the run's.
+
+    Args:
+        data: The fingerprint of the data this resume reads, from ``root`` (None: held in memory).
 
     Raises:
         GsaError: for another world size.
-        ConfigError: for another number of training images (checkpoints that predate the count are
-            not checked).
+        ConfigError: for other data, naming the first difference (checkpoints that predate the
+            fingerprint are checked by their number of training images; older ones not at all).
     """
     if resumed.world_size != world_size:
         raise GsaError(
@@ -88,8 +94,14 @@ def check_resume(resumed: Checkpoint, *, world_size: int, train_images: int, dat
             f"{world_size}; resume with --nproc {resumed.world_size} (the shards and the schedule "
             "depend on it)"
         )
-    if resumed.train_images is not None and resumed.train_images != train_images:
-        raise ConfigError(
-            f"data: the run trained on {resumed.train_images} training images, --data {data} has "
-            f"{train_images}; resume with the run's data"
+    source = f"--data {root}" if root is not None else f"the {data.dataset} data here"
+    if resumed.data is not None:
+        change = resumed.data.changed(data, source)
+    elif resumed.train_images is not None and resumed.train_images != data.train_images:
+        change = (
+            f"the run trained on {resumed.train_images} training images, {source} has {data.train_images}"
         )
+    else:
+        change = None
+    if change is not None:
+        raise ConfigError(f"data: {change}; resume with the run's data")

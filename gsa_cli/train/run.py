@@ -54,6 +54,7 @@ from gsa_cli.train.checkpoint import (
     publish,
     restore_rng,
 )
+from gsa_cli.train.integrity import fingerprint, load_weights
 from gsa_cli.train.loop import (
     EpochOutcome,
     RunReporter,
@@ -144,8 +145,8 @@ class _Run:
                 check_resume(
                     resumed,
                     world_size=world.world_size,
-                    train_images=self.train_images,
-                    data=self.data_root,
+                    data=self.fingerprint,
+                    root=self.data_root,
                 )
             forward = self._build_model()
             self._build_trainer(forward)
@@ -201,7 +202,7 @@ class _Run:
         config, world, options = self.config, self.world, self.options
         root = data_root(options.data or os.environ.get(DATA_ENV) or None, config.data)
         train_set, val_set = build_datasets(config, root)
-        self.train_images, self.data_root = len(train_set), str(root)  # type: ignore[arg-type]
+        self.fingerprint, self.data_root = fingerprint(config.data, train_set, val_set), root
         self.corrupt = CorruptFiles(options.on_corrupt, self.reporter.message)
         in_memory = held_in_memory(config.data)
         workers = loader_workers(options.workers, root, world_size=world.world_size, in_memory=in_memory)
@@ -297,7 +298,7 @@ class _Run:
     def _resume(self, checkpoint: Checkpoint) -> None:
         """Continue where ``checkpoint`` left off: weights, recipe state, progress, random state."""
         trainer, world = self.trainer, self.world
-        self.model.load_state_dict(checkpoint.model)
+        load_weights(self.model, checkpoint.model, self.run_dir.last, "model")
         trainer.optimizer.load_state_dict(checkpoint.optimizer)
         trainer.scheduler.load_state_dict(checkpoint.scheduler)
         trainer.scaler.load_state_dict(checkpoint.scaler)
@@ -306,7 +307,7 @@ class _Run:
                 raise GsaError(
                     f"{self.run_dir.last}: not a usable gsa checkpoint: ema is None, but its recipe has one"
                 )
-            self.ema.module.load_state_dict(checkpoint.ema)
+            load_weights(self.ema.module, checkpoint.ema, self.run_dir.last, "ema")
         trainer.step = checkpoint.step
         self.epoch, self.batches_done = checkpoint.epoch, checkpoint.batches_done
         if checkpoint.partial is not None:
@@ -446,7 +447,8 @@ class _Run:
             wall_time_s=self._wall_time(),
             started=self.started,
             metrics=tuple(self.rows),
-            train_images=self.train_images,
+            train_images=self.fingerprint.train_images,
+            data=self.fingerprint,
         )
 
     def _wall_time(self) -> float:
