@@ -79,6 +79,16 @@ def test_a_variant_is_its_presets_network(timm: ModuleType, name: str, preset: s
     assert ours.pretrained_cfg["input_size"] == (3, 224, 224)
 
 
+@pytest.mark.parametrize("depth", [50, 101])
+def test_the_deep_twins_are_torchvisions_resnets_key_for_key(timm: ModuleType, depth: int) -> None:
+    import torchvision
+
+    with torch.device("meta"):
+        ours = timm.create_model(f"gsa_twin_resnet{depth}").state_dict()
+        reference = getattr(torchvision.models, f"resnet{depth}")().state_dict()
+    assert [(k, v.shape) for k, v in ours.items()] == [(k, v.shape) for k, v in reference.items()]
+
+
 def test_create_model_at_a_small_size_is_global_at_that_size(timm: ModuleType) -> None:
     model = _create(timm, num_classes=7).eval()
     assert isinstance(model, ResNet)
