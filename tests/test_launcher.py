@@ -1,5 +1,6 @@
 """``gsa train --nproc 2``'s launcher and its workers: a signal to the launcher stops them all in one
-line with the shell's exit code; a launcher killed outright takes its workers with it."""
+line with the shell's exit code; a launcher killed outright takes its workers with it; workers that
+fail at start leave no default run folder behind."""
 
 from __future__ import annotations
 
@@ -102,3 +103,17 @@ def test_workers_die_with_a_launcher_killed_outright(
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=DEADLINE_S)
     _poll(lambda: not any(_alive(pid) for pid in workers), "the orphaned workers to stop", ORPHAN_DEADLINE_S)
+
+
+def test_a_launch_whose_workers_fail_at_start_leaves_no_default_run_folder(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope")
+    command = [sys.executable, "-m", "gsa_cli", "train", "--preset", "cifar26", "--data", missing,
+               "--nproc", "2", "--device", "cpu", "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=DEADLINE_S
+    )
+    assert result.returncode == 1, result.stderr
+    assert "no such folder" in result.stderr  # the workers' own line
+    assert (tmp_path / "runs").is_dir()  # where the launcher made the run's default folder
+    assert list((tmp_path / "runs").iterdir()) == []  # and removed it again, empty

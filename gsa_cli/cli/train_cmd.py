@@ -104,6 +104,7 @@ def _launch(ctx: typer.Context, config: Config | None, out: Path | None) -> None
         node_rank=params["node_rank"],
         rdzv_endpoint=params["rdzv_endpoint"],
         run_dir=target or params["resume"],
+        made=config is not None and out is None,  # the default folder made above: removed if left empty
     )
 
 

@@ -16,6 +16,7 @@ parent dies (:func:`die_with_launcher`: Linux's ``PR_SET_PDEATHSIG``); it then s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from gsa_cli.errors import ConfigError, GsaError
-from gsa_cli.results import LAST_CHECKPOINT
+from gsa_cli.results import LAST_CHECKPOINT, RunLock
 from gsa_cli.runtime import resolve_device
 
 LAUNCHER_PID = "GSA_LAUNCHER_PID"  # set by launch() for its workers: the pid they must not outlive
@@ -195,6 +196,7 @@ def launch(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     run_dir: Path | None = None,
+    made: bool = False,
 ) -> None:
     """Run ``python -m gsa_cli WORKER_ARGS`` in ``nproc`` processes per node through torchrun.
 
@@ -204,6 +206,8 @@ def launch(
 
     Args:
         run_dir: The run directory the workers write, named in the message of a stopped run.
+        made: ``run_dir`` was made for this launch (a default run folder): if the workers fail or stop
+            having written nothing in it, it is removed, as a single process's failed start leaves none.
 
     Raises:
         ConfigError: for a count below 1 or a malformed endpoint, before any worker starts.
@@ -225,16 +229,28 @@ def launch(
     from torch.distributed.run import get_args_parser, run
 
     _quiet_agent()
-    args = get_args_parser().parse_args([*flags, "--module", "gsa_cli", *worker_args])
+    parser = get_args_parser()
+    parser.allow_abbrev = False  # a worker's --log is not an abbreviation of torchrun's --log-dir
+    args = parser.parse_args([*flags, "--module", "gsa_cli", *worker_args])
     os.environ[LAUNCHER_PID] = str(os.getpid())
+    finished = False
     try:
         run(args)
+        finished = True
     except SignalException as err:
         raise _stopped(int(err.sigval), run_dir) from None
     except ChildFailedError as err:
         raise _failed({rank: failure.exitcode for rank, failure in err.failures.items()}, run_dir) from None
     finally:
         os.environ.pop(LAUNCHER_PID, None)
+        if made and run_dir is not None and not finished:
+            _remove_if_unused(run_dir)
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """Remove ``folder`` if nothing but (at most) its lock file is in it and no process holds it."""
+    with contextlib.suppress(GsaError, OSError):
+        RunLock.take(folder, made=(folder,)).abandon()
 
 
 def _quiet_agent() -> None:
