@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gsa_cli.bench import timers
-from gsa_cli.bench.timers import Timing, dense_peak, time_steps
+from gsa_cli.bench.timers import MemoryReading, Timing, dense_peak, time_steps
 from gsa_cli.runtime import Precision
 
 
@@ -27,25 +27,50 @@ def test_time_steps_warms_up_then_times_each_step() -> None:
 
 
 def test_timing_median_and_interquartile_range() -> None:
-    timing = Timing([0.005, 0.001, 0.003, 0.002, 0.004], peak_mib=1.0)
+    timing = Timing([0.005, 0.001, 0.003, 0.002, 0.004], MemoryReading(1.0))
     assert timing.median_ms == pytest.approx(3.0)
     assert timing.iqr_ms == pytest.approx(2.0)  # quartiles 2 ms and 4 ms
 
 
+def _hold(mib: int) -> None:
+    """Allocate and write ``mib`` MiB, then free them (as a profiled model's memory is, on return)."""
+    block = torch.ones(mib * 2**20 // 4)
+    assert block.sum().item() == mib * 2**20 // 4  # every page touched
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_cpu_peak_memory_sees_a_tensor_allocated_in_the_block() -> None:
-    with timers.peak_memory(torch.device("cpu")) as peak:
-        at_start = timers._read_status_kib("VmRSS")  # after the gauge has released what it could
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
-        del block
-    assert at_start is not None
-    assert peak[0] >= at_start / 1024 + 60
-    # glibc may have served the block from free heap pages rather than a mapping of its own, and then
-    # keeps it after the free: hand free pages back before reading the resident set.
-    timers._release_cpu_memory()
-    after = timers._read_status_kib("VmRSS")
-    assert after is not None
-    assert peak[0] > after / 1024 + 30  # the block's tensor is gone, its peak is not
+def test_cpu_memory_above_the_baseline_is_the_block_s_own() -> None:
+    with timers.peak_memory(torch.device("cpu")) as small:
+        _hold(32)
+    with timers.peak_memory(torch.device("cpu")) as large:
+        _hold(96)
+    (small_reading,), (large_reading,) = small, large
+    for reading, mib in ((small_reading, 32), (large_reading, 96)):
+        assert reading.peak_mib is not None
+        assert reading.baseline_mib is not None
+        assert reading.process_mib is not None
+        # The tensor's bytes, plus little else: not the ~500 MiB of interpreter and torch around it.
+        assert mib - 1 <= reading.peak_mib < mib + 24
+        assert reading.baseline_mib > 100  # the process holds Python and torch
+        assert reading.process_mib == pytest.approx(reading.baseline_mib + reading.peak_mib, abs=0.01)
+    assert large_reading.peak_mib - small_reading.peak_mib == pytest.approx(64, abs=12)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_memory_one_time_set_up_stays_in_the_baseline() -> None:
+    kept: list[torch.Tensor] = []
+    with timers.peak_memory(torch.device("cpu")) as reading:
+        kept.append(torch.ones(48 * 2**20 // 4))  # outlives the block, as a library cache would
+    (memory,) = reading
+    assert memory.peak_mib is not None
+    assert memory.peak_mib < 16  # held before and after alike: part of the baseline, not the block's
+    del kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_memory_label_names_the_method() -> None:
+    label = timers.memory_label(torch.device("cpu"))
+    assert label == "peak RSS above the process without the model (Linux VmHWM)"
 
 
 @pytest.mark.parametrize(

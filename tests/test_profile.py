@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -74,8 +75,15 @@ def test_throughput_latency_and_rate_are_consistent(sweep: profiling.ProfileResu
         assert row.train_tflops == pytest.approx(6 * row.gmacs * 1e9 * row.train_img_s / 1e12)
         assert row.infer_ms_iqr is not None
         assert row.infer_ms_iqr >= 0
-        assert row.infer_peak_mib is not None
-        assert row.infer_peak_mib > 50
+        for mode in ("infer", "train"):
+            peak, baseline, process = (
+                getattr(row, f"{mode}_{name}_mib") for name in ("peak", "baseline", "process")
+            )
+            assert peak is not None
+            assert baseline is not None
+            assert process is not None
+            assert baseline > 100  # Python and torch: not the model's
+            assert process == pytest.approx(baseline + peak, abs=0.01)
 
 
 def test_summary_shows_what_varies_and_captions_what_is_fixed(sweep: profiling.ProfileResult) -> None:
@@ -87,12 +95,38 @@ def test_summary_shows_what_varies_and_captions_what_is_fixed(sweep: profiling.P
     assert "model: gsa" in caption
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
+def test_a_model_twice_as_big_shows_its_weights_in_the_memory_above_the_baseline() -> None:
+    # Weight bytes by hand: fp32 parameters at 4 bytes; a conv ResNet's parameters grow with the square
+    # of its width, so widths 48 and 68 give about 2x (the counts are taken from the models themselves).
+    rows = []
+    for width in (48, 68):
+        config = load_preset("smoke", model="conv", overrides=[f"model.width={width}"])
+        (row,) = profile(config, ProfileSettings(batch_sizes=(2,), **FAST)).rows
+        rows.append(row)
+    small, large = rows
+    assert 1.9 < large.params / small.params < 2.1
+    weights = [row.params * 4 / 2**20 for row in rows]  # MiB
+    for row, weight_mib in zip(rows, weights, strict=True):
+        assert row.infer_peak_mib is not None
+        assert row.train_peak_mib is not None
+        assert row.infer_peak_mib >= 0.95 * weight_mib  # the weights are resident
+        assert row.train_peak_mib >= 2.8 * weight_mib  # weights, gradients and momentum
+        assert row.infer_process_mib is not None
+        assert row.infer_process_mib > 5 * weight_mib  # the whole process: mostly Python and torch
+    extra = weights[1] - weights[0]
+    assert large.infer_peak_mib - small.infer_peak_mib >= 0.8 * extra  # type: ignore[operator]
+    assert large.train_peak_mib - small.train_peak_mib >= 2.4 * extra  # type: ignore[operator]
+
+
 def test_mode_infer_times_inference_only() -> None:
     config = load_preset("smoke", model="conv")
     (row,) = profile(config, ProfileSettings(mode=Mode.INFER, batch_sizes=(2,), **FAST)).rows
     assert row.infer_img_s is not None
     assert row.train_img_s is None
     assert row.train_peak_mib is None
+    assert row.train_baseline_mib is None
+    assert row.train_process_mib is None
 
 
 def test_torch_counter_is_recorded_and_agrees_on_a_conv_net() -> None:
@@ -178,9 +212,11 @@ def test_profile_on_the_gpu_records_events_timing_memory_and_peak() -> None:
     )
     (row,) = profile(config, settings).rows
     assert row.status == "ok"
-    assert row.memory == "torch.cuda.max_memory_allocated"
+    assert row.memory == "torch.cuda.max_memory_allocated above the allocation before the model"
     assert row.infer_peak_mib is not None
-    assert row.infer_peak_mib > 0
+    assert row.infer_peak_mib > row.params * 4 / 2**20  # at least the fp32 weights
+    assert row.infer_baseline_mib is not None
+    assert row.infer_process_mib is None  # the whole process: the CPU's measure only
     assert row.layout == "channels_last"
     assert row.precision == "bf16"
     if row.dense_peak_tflops is not None:

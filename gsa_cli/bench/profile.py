@@ -13,9 +13,13 @@ were obtained (device, torch version, precision, layout, compile, counter). How 
   interquartile range, and images/s = batch / median latency. Inputs are random normal, never zeros.
   Each mode gets a freshly built model, so that one mode's state (weights, caches) cannot leak into
   the other's.
-* **Peak memory** of each mode (:func:`gsa_cli.bench.timers.peak_memory`): ``torch.cuda.max_memory_allocated``
-  on a GPU; on the CPU the process's peak resident set size during the mode, which includes the
-  interpreter, torch and the model, not only activations.
+* **Peak memory** of each mode (:func:`gsa_cli.bench.timers.peak_memory`), above a baseline taken
+  before its model is built: what the model, its inputs and its steps held at most (weights and
+  activations; gradients and momentum too for a training step). ``torch.cuda.max_memory_allocated``
+  less the allocation before, on a GPU; on the CPU the peak resident set during the mode less the
+  resident set without the model (the larger of before and after: one-time library set-up its first
+  step triggers stays in the baseline). The baseline and, on the CPU, the whole process's peak are
+  columns of their own.
 * **Achieved rate**: TFLOP/s = 2 FLOPs per counted MAC x MACs per image x images/s, times 3 for a
   training step (backward taken as twice the forward); on GPUs of known dense peak
   (:data:`gsa_cli.bench.timers.DENSE_PEAKS`) also the percentage of that peak.
@@ -117,14 +121,18 @@ class ProfileRow:
     infer_img_s: float | None = None
     infer_ms: float | None = None  # median latency per batch
     infer_ms_iqr: float | None = None  # interquartile range of the latency
-    infer_peak_mib: float | None = None
+    infer_peak_mib: float | None = None  # above the baseline: the model's weights, inputs, activations
+    infer_baseline_mib: float | None = None  # the process without the model (CPU RSS, GPU allocated)
+    infer_process_mib: float | None = None  # the whole process's peak RSS (CPU only)
     infer_tflops: float | None = None
     infer_peak_pct: float | None = None
     infer_cpu_wait_pct: float | None = None  # share of the time some task waited for a CPU (PSI)
     train_img_s: float | None = None
     train_ms: float | None = None
     train_ms_iqr: float | None = None
-    train_peak_mib: float | None = None
+    train_peak_mib: float | None = None  # also gradients and optimizer state
+    train_baseline_mib: float | None = None
+    train_process_mib: float | None = None
     train_tflops: float | None = None
     train_peak_pct: float | None = None
     train_cpu_wait_pct: float | None = None
@@ -191,7 +199,9 @@ def _compiled(model: nn.Module, run: _Run) -> Callable[[torch.Tensor], torch.Ten
     return torch.compile(model) if run.compile else model
 
 
-def _time_inference(config: Config, batch: int, run: _Run) -> Timing:
+def _infer_steps(config: Config, batch: int, run: _Run) -> tuple[list[float], float | None]:
+    """Build a model and time inference; return the latencies and the CPU wait. The model, its inputs
+    and their memory are gone when this returns (the baseline of :func:`_time_inference`)."""
     model = _fresh_model(config, run).eval()
     forward = _compiled(model, run)
     images, _ = _inputs(config, batch, run)
@@ -200,12 +210,14 @@ def _time_inference(config: Config, batch: int, run: _Run) -> Timing:
         with torch.inference_mode(), autocast(run.device, run.precision):
             forward(images)
 
-    with peak_memory(run.device) as peak, cpu_wait() as waited:
+    with cpu_wait() as waited:
         latencies = time_steps(step, device=run.device, warmup=run.warmup, iters=run.iters)
-    return Timing(latencies, peak[0], waited[0] if waited else None)
+    return latencies, waited[0] if waited else None
 
 
-def _time_training(config: Config, batch: int, run: _Run) -> Timing:
+def _train_steps(config: Config, batch: int, run: _Run) -> tuple[list[float], float | None]:
+    """Build a model and time training steps (forward, cross-entropy, backward, SGD with momentum);
+    return the latencies and the CPU wait, the model and its optimizer gone."""
     model = _fresh_model(config, run).train()
     forward = _compiled(model, run)
     images, labels = _inputs(config, batch, run)
@@ -220,9 +232,23 @@ def _time_training(config: Config, batch: int, run: _Run) -> Timing:
         scaler.step(optimizer)
         scaler.update()
 
-    with peak_memory(run.device) as peak, cpu_wait() as waited:
+    with cpu_wait() as waited:
         latencies = time_steps(step, device=run.device, warmup=run.warmup, iters=run.iters)
-    return Timing(latencies, peak[0], waited[0] if waited else None)
+    return latencies, waited[0] if waited else None
+
+
+def _time_inference(config: Config, batch: int, run: _Run) -> Timing:
+    """Inference timed, with the memory its model costs above the process without it."""
+    with peak_memory(run.device) as memory:
+        latencies, waited = _infer_steps(config, batch, run)
+    return Timing(latencies, memory[0], waited)
+
+
+def _time_training(config: Config, batch: int, run: _Run) -> Timing:
+    """Training steps timed, with the memory their model, gradients and optimizer cost."""
+    with peak_memory(run.device) as memory:
+        latencies, waited = _train_steps(config, batch, run)
+    return Timing(latencies, memory[0], waited)
 
 
 def _record(row: ProfileRow, prefix: str, timing: Timing, macs: int, flops_per_mac: int) -> None:
@@ -232,7 +258,9 @@ def _record(row: ProfileRow, prefix: str, timing: Timing, macs: int, flops_per_m
     setattr(row, f"{prefix}_img_s", img_s)
     setattr(row, f"{prefix}_ms", timing.median_ms)
     setattr(row, f"{prefix}_ms_iqr", timing.iqr_ms)
-    setattr(row, f"{prefix}_peak_mib", timing.peak_mib)
+    setattr(row, f"{prefix}_peak_mib", timing.memory.peak_mib)
+    setattr(row, f"{prefix}_baseline_mib", timing.memory.baseline_mib)
+    setattr(row, f"{prefix}_process_mib", timing.memory.process_mib)
     setattr(row, f"{prefix}_tflops", tflops)
     setattr(row, f"{prefix}_cpu_wait_pct", timing.cpu_wait_pct)
     if row.dense_peak_tflops is not None:

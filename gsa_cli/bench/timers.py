@@ -4,10 +4,11 @@ The primitives behind ``gsa profile`` (and any benchmark that wants the same hon
 
 * :func:`time_steps` runs warm-up steps, then times each step to the end of its device work: CUDA
   events on a GPU (each step synchronised), ``time.perf_counter`` after a synchronisation elsewhere.
-* :func:`peak_memory` measures a block's peak: ``torch.cuda.max_memory_allocated`` on a GPU (reset
-  first); on the CPU the process's peak resident set size during the block (Linux ``VmHWM``, reset
-  first through ``/proc/self/clear_refs``), which includes the interpreter, torch and the model.
-  :func:`memory_label` says which of these a number is.
+* :func:`peak_memory` measures the memory a model costs, above a baseline taken before it is built:
+  ``torch.cuda.max_memory_allocated`` less what was allocated before, on a GPU; on the CPU the
+  process's peak resident set size during the block (Linux ``VmHWM``, reset first through
+  ``/proc/self/clear_refs``) less the resident set without the model, and the whole process's peak
+  as its own number. :func:`memory_label` says which of these a number is.
 * :func:`cpu_wait` measures how much a block competed for the CPUs with other work (Linux PSI): a
   timing taken on a busy machine says so.
 * :func:`dense_peak` looks up a GPU's datasheet peak for a precision, for "% of peak".
@@ -67,11 +68,31 @@ def dense_peak(name: str, precision: Precision, *, tf32: bool) -> tuple[float, s
 
 
 @dataclass(frozen=True)
+class MemoryReading:
+    """The memory a block cost, in MiB (MiB = 2**20 bytes); ``None`` where it could not be measured.
+
+    Attributes:
+        peak_mib: The peak above the baseline: what the model built in the block, its inputs and its
+            steps held at most (weights, activations; gradients and optimizer state for training).
+        baseline_mib: The process without the model: on the CPU the larger of the resident set before
+            the block and after it (once the block's model is gone, so that one-time library set-up that
+            its first step triggered counts in the baseline, not in the model's memory); on a GPU what
+            was allocated before the block.
+        process_mib: The whole process's peak resident set during the block (CPU only): interpreter,
+            libraries and model together.
+    """
+
+    peak_mib: float | None
+    baseline_mib: float | None = None
+    process_mib: float | None = None
+
+
+@dataclass(frozen=True)
 class Timing:
-    """Seconds per timed step, the peak memory (MiB) and the CPU contention (%, or None) around them."""
+    """Seconds per timed step, the memory around them and the CPU contention (%, or None)."""
 
     latencies_s: list[float]
-    peak_mib: float
+    memory: MemoryReading
     cpu_wait_pct: float | None = None
 
     @property
@@ -112,35 +133,58 @@ def _release_cpu_memory() -> None:
 
 
 def memory_label(device: torch.device) -> str:
-    """What the peak memory columns measure on ``device``."""
+    """What the peak memory columns measure on ``device`` (the caption and the files say it)."""
     if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated"
+        return "torch.cuda.max_memory_allocated above the allocation before the model"
     if _reset_peak_rss():
-        return "process peak RSS during the measurement (VmHWM)"
-    return "process peak RSS since start (ru_maxrss)"
+        return "peak RSS above the process without the model (Linux VmHWM)"
+    return "process peak RSS since start (ru_maxrss), no baseline on this system"
+
+
+def _cpu_rss_mib() -> float | None:
+    """The resident set now, in MiB, after handing back what can be freed."""
+    _release_cpu_memory()
+    kib = _read_status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def _max_rss_mib() -> float:
+    """The process's peak resident set since it started (``getrusage``), in MiB."""
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, else KiB
 
 
 @contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[list[float]]:
-    """Yield a list that holds, after the block, the block's peak memory in MiB (see :func:`memory_label`)."""
-    result: list[float] = []
+def peak_memory(device: torch.device) -> Iterator[list[MemoryReading]]:
+    """Yield a list that holds, after the block, the block's :class:`MemoryReading`.
+
+    Build the model inside the block, in a function that returns before the block ends: on the CPU
+    the baseline is also read once the model is gone, so that what its first step set up for good
+    (library pages, thread pools, kernel caches) is not taken for the model's memory. Where the peak
+    cannot be reset (no Linux ``/proc``), only the process's peak since start is known.
+    """
+    result: list[MemoryReading] = []
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _release_cpu_memory()
-        _reset_peak_rss()
+        allocated = torch.cuda.memory_allocated(device)
+        yield result
+        peak = torch.cuda.max_memory_allocated(device)
+        result.append(MemoryReading((peak - allocated) / 2**20, allocated / 2**20))
+        return
+    before = _cpu_rss_mib()
+    resettable = _reset_peak_rss()
     yield result
-    if device.type == "cuda":
-        result.append(torch.cuda.max_memory_allocated(device) / 2**20)
-    else:
-        peak_kib = _read_status_kib("VmHWM")
-        if peak_kib is None:
-            import resource
-
-            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            peak_kib = maxrss // 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS
-        result.append(peak_kib / 1024)
+    if not resettable or before is None:
+        result.append(MemoryReading(None, None, _max_rss_mib()))
+        return
+    peak_kib = _read_status_kib("VmHWM")
+    after = _cpu_rss_mib()
+    process = before if peak_kib is None else peak_kib / 1024
+    baseline = before if after is None else max(before, after)
+    result.append(MemoryReading(max(0.0, process - baseline), baseline, process))
 
 
 def _cpu_wait_us() -> int | None:
