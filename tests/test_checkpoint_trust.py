@@ -131,7 +131,7 @@ def test_a_best_pt_copied_from_another_run_is_not_evaluated_into_its_eval_json(t
         assert result.exit_code == 1, result.output
         line = error_line(result)
         assert line.startswith(f"error: {second / 'best.pt'}: not the checkpoint of the run in {second}: ")
-        assert f"its run's started is {started}" in line
+        assert f"its run's start is {started}, summary.json says " in line
     assert not (second / "eval.json").exists()
     # Outside any run directory it is evaluated, and eval.json written beside it.
     loose = tmp_path / "loose"

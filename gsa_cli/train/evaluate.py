@@ -150,17 +150,17 @@ def check_owner(checkpoint: Checkpoint, config: Config, path: Path) -> None:
     if not run.summary.is_file():
         return  # not a run directory: eval.json goes beside the file
     summary = run.read_summary()
-    facts = {
-        "started": checkpoint.started,
-        "preset": checkpoint.preset,
-        "model_kind": config.model.kind.value,
-        "dataset": config.data.dataset.value,
+    facts = {  # summary.json's key: (in words, the checkpoint's value)
+        "started": ("start", checkpoint.started),
+        "preset": ("preset", checkpoint.preset),
+        "model_kind": ("model", config.model.kind.value),
+        "dataset": ("data set", config.data.dataset.value),
     }
-    for key, own in facts.items():
+    for key, (what, own) in facts.items():
         recorded = summary.get(key)
         if recorded is not None and recorded != own:
             raise GsaError(
-                f"{path}: not the checkpoint of the run in {run.path}: its run's {key} is {own}, "
+                f"{path}: not the checkpoint of the run in {run.path}: its run's {what} is {own}, "
                 f"{run.summary.name} says {recorded}; evaluate it in its own run directory, or copy "
                 "it out of this one"
             )
