@@ -22,6 +22,7 @@ from gsa_cli.report.compare import (
     compare_runs,
 )
 from gsa_cli.report.files import write_report
+from gsa_cli.report.runs import compact_labels
 from gsa_cli.results import RunRecord, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,7 @@ def test_report_files_read_back_and_the_markdown_embeds_the_plots(
     report = (out / "compare.md").read_text()
     assert "![Top-1 against cost](accuracy_vs_cost.png)" in report
     assert "![Learning curves](learning_curves.png)" in report
-    assert "| conv | conv | 3/3 | 80 | 2 |" in report
+    assert "| conv | conv | 3/3 | 80 | 0 | 2 |" in report  # each difference beside its column
 
 
 def test_the_gmacs_counter_is_called_only_for_runs_whose_summary_lacks_them(two_runs: list[Path]) -> None:
@@ -251,3 +252,62 @@ def test_the_accuracy_axis_spans_at_least_a_point_and_stops_at_100(
         assert (low, high) == pytest.approx(before)
     else:
         assert (low, high) == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run labels for narrow columns.
+
+
+@pytest.mark.parametrize(
+    ("paths", "labels"),
+    [
+        # gsa train's default names: the shared preset and the timestamps go.
+        (["runs/digits-conv-20261127-144228", "runs/digits-gsa-20261127-144232"], ["conv", "gsa"]),
+        # Two runs of one kind: the time of day tells them apart.
+        (
+            [
+                "runs/digits-gsa-20261127-144228",
+                "runs/digits-gsa-20261128-101500",
+                "runs/digits-conv-20261127-150000",
+            ],
+            ["gsa-144228", "gsa-101500", "conv-150000"],
+        ),
+        # Started in the same second: default_run_dir's -2 suffix stays.
+        (["runs/digits-gsa-20261127-144228", "runs/digits-gsa-20261127-144228-2"], ["144228", "144228-2"]),
+        # Other presets: the preset stays, the shared stamp date goes.
+        (["runs/digits-gsa-20261127-144228", "runs/smoke-gsa-20261127-144228"], ["digits-gsa", "smoke-gsa"]),
+        # Folders of one name in different places: the shortest distinct path suffix.
+        (["a/run", "b/run"], ["a/run", "b/run"]),
+        (["x/a/run", "y/a/run"], ["x/a/run", "y/a/run"]),
+        # Names of the user's own: as they are, less a leading word they all share.
+        (["sweep-d2", "sweep-d4"], ["d2", "d4"]),
+        (["baseline", "gsa"], ["baseline", "gsa"]),
+        # One run: its name without the timestamp.
+        (["runs/longrange-gsa-20261127-144228"], ["longrange-gsa"]),
+    ],
+)
+def test_compact_labels_are_short_and_distinct(paths: list[str], labels: list[str]) -> None:
+    assert compact_labels([Path(path) for path in paths]) == labels
+
+
+def test_the_table_uses_compact_labels_and_the_files_keep_folder_names(tmp_path: Path) -> None:
+    runs = [
+        write_run(
+            tmp_path / f"runs/smoke-{kind}-20261127-14422{i}",
+            kind=kind,
+            val_top1=[50.0],
+            params=10,
+            gmacs=1.0,
+        )
+        for i, kind in enumerate(("conv", "gsa"))
+    ]
+    comparison = compare_runs(runs)
+    assert comparison.title == "gsa compare: conv vs gsa"
+    assert comparison.frame["run"].tolist() == [run.name for run in runs]
+    assert comparison.frame["label"].tolist() == ["conv", "gsa"]
+    assert comparison.frame["path"].tolist() == [str(run) for run in runs]
+    view = comparison.views[0]
+    assert view.frame["run"].tolist() == ["conv", "gsa"]
+    assert "params / conv" in view.frame.columns
+    assert view.key == ("run", "best top-1 %", "params", "GMACs", "wall time s", "train img/s")
+    assert all(column in view.frame.columns for column in view.key + view.extra)

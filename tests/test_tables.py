@@ -99,3 +99,78 @@ def test_rich_table_shows_markup_in_titles_headers_and_cells_literally() -> None
     text = buffer.getvalue()
     for literal in ("t [/x]", "run [/x]", "a[bold]", "[red]b[/red]", "c [bold]"):
         assert literal in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fitting a terminal: key columns first, others as the width allows, no cell ever cut.
+
+
+@pytest.fixture
+def wide_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "model": ["conv", "gsa"],
+            "params": [25_557_032, 18_284_584],
+            "GMACs": [4.111512576, 3.2],
+            "infer img/s": [1234.5, 12.25],
+            "infer ms (IQR)": ["3.24 (0.1061)", "326.5 (12.07)"],
+            "params / conv": [1.0, 0.7154],
+            "status": ["ok", "out of memory (train)"],
+        }
+    )
+
+
+def _printed(table: object, width: int) -> str:
+    buffer = io.StringIO()
+    Console(file=buffer, width=width).print(table)
+    return buffer.getvalue()
+
+
+def test_needed_width_is_the_widest_cell_or_header_word_of_each_column(wide_frame: pd.DataFrame) -> None:
+    frame = wide_frame[["model", "params", "infer img/s"]]
+    # model: "model" 5; params: "25,557,032" 10; infer img/s: "infer"/"img/s" 5 (cells "1234", "12.25")
+    assert tables.needed_width(frame) == 1 + (5 + 3) + (10 + 3) + (5 + 3)
+    assert tables.natural_width(frame) == 1 + (5 + 3) + (10 + 3) + (11 + 3)
+
+
+def test_fit_keeps_the_key_columns_and_adds_others_in_order_while_they_fit(wide_frame: pd.DataFrame) -> None:
+    key = ("model", "params", "infer img/s")
+    extra = ("params / conv", "status")
+    width = tables.needed_width(wide_frame[[*key, "params / conv"]]) + 5  # room for the ratio, not more
+    shown, hidden = tables.fit(wide_frame, width, key=key, extra=extra)
+    assert list(shown.columns) == ["model", "params", "infer img/s", "params / conv"]  # the frame's order
+    assert hidden == ["GMACs", "infer ms (IQR)", "status"]
+    everything, none = tables.fit(wide_frame, 500, key=key)
+    assert list(everything.columns) == list(wide_frame.columns)
+    assert none == []
+
+
+def test_fit_passes_over_a_key_column_too_wide_for_a_narrow_terminal(wide_frame: pd.DataFrame) -> None:
+    shown, hidden = tables.fit(wide_frame, 30, key=("model", "params", "infer ms (IQR)", "GMACs"))
+    assert list(shown.columns) == ["model", "params", "GMACs"]
+    assert "infer ms (IQR)" in hidden
+    assert tables.needed_width(shown) <= 30
+
+
+@pytest.mark.parametrize("width", [40, 80, 140])
+def test_a_fitted_table_cuts_no_cell_and_wraps_headers_at_spaces(
+    wide_frame: pd.DataFrame, width: int
+) -> None:
+    shown, _ = tables.fit(wide_frame, width, key=("model", "params"))
+    text = _printed(tables.rich_table(shown, title="t", width=width), width)
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    for column in shown.columns:
+        for cell in map(tables.format_value, shown[column].tolist()):
+            assert cell in text  # whole, on one line
+
+
+def test_prose_columns_wrap_at_their_spaces_and_take_the_room_left() -> None:
+    frame = pd.DataFrame({"preset": ["fashion"], "description": ["Fashion-MNIST at 28 px, ResNet-26 layout"]})
+    assert tables.needed_width(frame, wrap=("description",)) == 1 + (7 + 3) + (len("Fashion-MNIST") + 3)
+    text = _printed(tables.rich_table(frame, width=30, wrap=("description",)), 30)
+    assert "…" not in text
+    assert "Fashion-MNIST" in text
+    assert len(text.splitlines()) > 5  # the description took several lines
+    one_line = _printed(tables.rich_table(frame, width=80, wrap=("description",)), 80)
+    assert "Fashion-MNIST at 28 px, ResNet-26 layout" in one_line

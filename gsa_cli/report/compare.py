@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,10 @@ from typing import Any
 import pandas as pd
 
 from gsa_cli.choices import Accuracy
-from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.report import tables
 from gsa_cli.report.profile import latency_text, rows_frame
-from gsa_cli.results import CONFIG_FILE, EVAL_FILE, METRICS_FILE, SUMMARY_FILE, RunRecord, read_run
+from gsa_cli.report.runs import compact_labels, config_value, folder_labels, read_checked
+from gsa_cli.results import RunRecord
 
 # Counts the GMACs of a run whose summary.json lacks them (None where it cannot).
 GmacsCounter = Callable[[RunRecord], float | None]
@@ -40,12 +40,19 @@ GMACS_UNCOUNTABLE = "not counted (neither in summary.json nor countable now)"  #
 
 @dataclass(frozen=True)
 class TableView:
-    """One readable table: a heading, the frame as shown, and a caption of what its rows share."""
+    """One readable table: a heading, the frame as shown, and a caption of what its rows share.
+
+    ``frame`` holds every readable column (the Markdown report and ``--wide`` show them all); a terminal
+    shows the ``key`` columns and as many others as fit, in the order of ``extra`` first
+    (:func:`gsa_cli.report.tables.fit`). Both name columns by their headers; no ``key``: all are key.
+    """
 
     heading: str
     frame: pd.DataFrame
     caption: str = ""
     caption_in_report: bool = True  # False where the report's settings already say it
+    key: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -99,22 +106,44 @@ def _lift(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.DataFrame, st
 # Model kinds, profiled.
 
 RATIO_COLUMNS = ("params", "gmacs", "infer_img_s", "train_img_s", "infer_peak_mib", "train_peak_mib")
+# The readable columns, each ratio beside its column (the ratio headers are set per comparison).
 KIND_HEADERS = {
     "model": "model",
     "img_size": "px",
     "batch": "batch",
     "params": "params",
+    "params_ratio": "",
     "gmacs": "GMACs",
+    "gmacs_ratio": "",
     "infer_img_s": "infer img/s",
+    "infer_img_s_ratio": "",
     "infer_latency": "infer ms (IQR)",
     "train_img_s": "train img/s",
+    "train_img_s_ratio": "",
     "train_latency": "train ms (IQR)",
     "infer_peak_mib": "infer peak MiB",
+    "infer_peak_mib_ratio": "",
     "train_peak_mib": "train peak MiB",
+    "train_peak_mib_ratio": "",
+    "infer_process_mib": "infer process MiB",
+    "train_process_mib": "train process MiB",
+    "infer_baseline_mib": "infer baseline MiB",
+    "train_baseline_mib": "train baseline MiB",
     "infer_cpu_wait_pct": "infer CPU wait %",
     "train_cpu_wait_pct": "train CPU wait %",
     "status": "status",
 }
+# On a terminal: always these (those present), then others as the width allows, in this order.
+KIND_KEY = (
+    "model", "img_size", "batch", "params", "gmacs", "infer_img_s", "train_img_s", "train_img_s_ratio",
+    "train_peak_mib",
+)  # fmt: skip
+KIND_KEY_INFER_ONLY = ("infer_img_s_ratio", "infer_peak_mib")  # without a training step's columns
+KIND_EXTRA = (
+    "infer_img_s_ratio", "train_peak_mib_ratio", "infer_peak_mib", "infer_peak_mib_ratio", "status",
+    "params_ratio", "gmacs_ratio", "train_latency", "infer_latency", "train_process_mib",
+    "infer_process_mib",
+)  # fmt: skip
 KIND_CONTEXT = ("img_size", "batch", "status", "preset", "device", "torch", "precision", "layout")
 KIND_CONTEXT_MORE = ("compile", "counter", "warmup", "iters", "memory")
 SCALING_HEADERS = {
@@ -127,6 +156,11 @@ SCALING_HEADERS = {
     "infer_peak_mib": "infer peak MiB",
     "train_peak_mib": "train peak MiB",
 }
+
+
+def _headers_of(view: pd.DataFrame, headers: dict[str, str], columns: Sequence[str]) -> tuple[str, ...]:
+    """The headers of those ``columns`` that ``view`` shows."""
+    return tuple(headers[c] for c in columns if c in headers and headers[c] in view.columns)
 
 
 def _with_kind_ratios(frame: pd.DataFrame) -> pd.DataFrame:
@@ -177,7 +211,10 @@ def compare_kinds(rows: Sequence[Any], *, preset: str, description: str) -> Comp
     shown = frame.assign(**{f"{mode}_latency": latency_text(frame, mode) for mode in ("infer", "train")})
     shown = shown.dropna(axis="columns", how="all")
     shown, caption = _lift(shown, KIND_CONTEXT + KIND_CONTEXT_MORE)
-    views = [TableView("Side by side", tables.view(shown, headers), caption, caption_in_report=False)]
+    key = KIND_KEY if "train_img_s" in shown.columns else KIND_KEY + KIND_KEY_INFER_ONLY
+    view = tables.view(shown, headers)
+    keys, extra = _headers_of(view, headers, key), _headers_of(view, headers, KIND_EXTRA)
+    views = [TableView("Side by side", view, caption, caption_in_report=False, key=keys, extra=extra)]
     scaling = None
     if frame["img_size"].nunique() > 1:
         scaling = _scaling(frame)
@@ -200,7 +237,8 @@ def compare_kinds(rows: Sequence[Any], *, preset: str, description: str) -> Comp
         f"layout: {context['layout']} · compile: {tables.format_value(bool(context['compile']))}",
         f"warm-up: {context['warmup']} · timed iterations: {context['iters']} · MAC counter: "
         f"{context['counter']} (GMACs at batch 1, eval mode)",
-        f"peak memory: {context['memory']}",
+        f"peak memory: {context['memory']}, in MiB; the baseline and the process's whole peak in columns "
+        "of their own",
         f"ratios: each row over the {first} row at the same image size and batch",
     ]
     return Comparison(f"gsa compare: {kinds} ({preset})", lines, frame, views, scaling=scaling)
@@ -208,77 +246,6 @@ def compare_kinds(rows: Sequence[Any], *, preset: str, description: str) -> Comp
 
 # ---------------------------------------------------------------------------------------------------
 # Finished runs, read back.
-
-
-def config_value(record: RunRecord, key: str) -> Any:
-    """The value at a dotted key (``data.distance``) of the run's resolved ``config.yaml``.
-
-    Raises:
-        ConfigError: naming the run and the key, when the config has no such key.
-    """
-    node: Any = record.config
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ConfigError(f"--by {key}: {record.path / CONFIG_FILE} has no such key (e.g. data.distance)")
-        node = node[part]
-    return node
-
-
-# The values of summary.json and eval.json that a comparison computes with, by the type they must have.
-WHOLE = ("epochs", "epochs_done", "parameters", "best_epoch", "world_size", "batch_size")
-REAL = ("best_top1", "best_top5", "final_top1", "final_top5", "wall_time_s", "images_per_s")
-TEXT = ("model_kind",)
-EVAL_REAL = ("top1", "top5")
-
-
-def _read_checked(path: Path) -> RunRecord:
-    """:func:`gsa_cli.results.read_run`, with each file's text and each value used here checked first.
-
-    Raises:
-        GsaError: naming the file and what is wrong: text that is not UTF-8, a value of the wrong type,
-            an epoch that ``metrics.csv`` holds twice.
-    """
-    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, EVAL_FILE):
-        file = path / name
-        if not file.is_file():
-            continue  # read_run names a missing file
-        try:
-            file.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise GsaError(f"{file}: not UTF-8 text (byte {err.start}); damaged, or not from gsa") from None
-        except OSError as err:
-            raise GsaError(f"{file}: unreadable ({err.strerror})") from None
-    record = read_run(path)
-    _check_types(path / SUMMARY_FILE, record.summary, whole=WHOLE, real=REAL, text=TEXT)
-    if record.evaluation is not None:
-        _check_types(path / EVAL_FILE, record.evaluation, whole=(), real=EVAL_REAL, text=())
-    epochs = [row.epoch for row in record.metrics]
-    for epoch in epochs:
-        if epochs.count(epoch) > 1:
-            raise GsaError(
-                f"{path / METRICS_FILE}: epoch {epoch} appears {epochs.count(epoch)} times; each finished "
-                "epoch must appear once (a damaged run: train it again, or delete the repeated rows)"
-            )
-    return record
-
-
-def _check_types(
-    file: Path, values: Mapping[str, Any], *, whole: Sequence[str], real: Sequence[str], text: Sequence[str]
-) -> None:
-    """Refuse a value of the wrong type (null stands for "not known" in every numeric field)."""
-    for key, value in values.items():
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        expected = None
-        if key in whole and value is not None and not (number and isinstance(value, int)):
-            expected = "a whole number"
-        elif key in real and value is not None and not number:
-            expected = "a number"
-        elif key in text and not isinstance(value, str):
-            expected = "a string"
-        if expected is not None:
-            shown = json.dumps(value)
-            shown = shown if len(shown) <= 40 else shown[:37] + "..."
-            raise GsaError(f"{file}: {key} is {shown}, expected {expected}; damaged, or not from gsa train")
 
 
 def _gmacs(record: RunRecord, count_gmacs: GmacsCounter | None) -> tuple[float | None, str]:
@@ -292,18 +259,13 @@ def _gmacs(record: RunRecord, count_gmacs: GmacsCounter | None) -> tuple[float |
     return None, GMACS_NOT_COUNTED
 
 
-def _labels(paths: Sequence[Path]) -> list[str]:
-    """Each run's folder name, or its whole path where two runs share a folder name."""
-    names = [path.name or str(path) for path in paths]
-    return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths, strict=True)]
-
-
-def _run_row(label: str, record: RunRecord, count_gmacs: GmacsCounter | None) -> dict[str, Any]:
+def _run_row(label: str, short: str, record: RunRecord, count_gmacs: GmacsCounter | None) -> dict[str, Any]:
     summary = record.summary
     evaluation = record.evaluation or {}
     gmacs, source = _gmacs(record, count_gmacs)
     return {
         "run": label,
+        "label": short,
         "path": str(record.path),
         "model": summary["model_kind"],
         "preset": summary.get("preset"),
@@ -336,21 +298,34 @@ RUN_RATIOS = ("params", "gmacs", "wall_time_s")
 RUN_DELTAS = ("best_top1", "final_top1")
 RUN_CONTEXT = ("preset", "dataset", "status", "device", "world_size", "precision", "batch_size", "torch")
 RUN_HEADERS = {
-    "run": "run",
+    "label": "run",
     "model": "model",
     "by_value": "",  # set to the --by key
     "epochs_text": "epochs",
     "best_top1": "best top-1 %",
+    "best_top1_delta": "",  # the ratio and difference headers are set per comparison
     "best_epoch": "at epoch",
     "best_top5": "best top-5 %",
     "final_top1": "final top-1 %",
+    "final_top1_delta": "",
     "final_top5": "final top-5 %",
     "eval_top1": "eval top-1 %",
     "params": "params",
+    "params_ratio": "",
     "gmacs": "GMACs",
+    "gmacs_ratio": "",
     "wall_time_s": "wall time s",
+    "wall_time_s_ratio": "",
     "train_img_s": "train img/s",
+    "path": "path",
 }
+# On a terminal: the run, its --by value, the top-1 that --accuracy picks, and these; then the rest as
+# the width allows, in the order of RUN_EXTRA.
+RUN_KEY = ("params", "gmacs", "wall_time_s", "train_img_s")
+RUN_EXTRA = (
+    "model", "best_top1_delta", "final_top1_delta", "epochs_text", "wall_time_s_ratio", "params_ratio",
+    "gmacs_ratio", "best_top1", "final_top1", "eval_top1", "best_epoch", "best_top5", "final_top5",
+)  # fmt: skip
 
 
 def _by_frame(frame: pd.DataFrame, accuracy: Accuracy) -> pd.DataFrame:
@@ -376,6 +351,25 @@ def _axis_value(value: Any) -> tuple[str, float | None]:
     return json.dumps(value) if not isinstance(value, str) else value, None
 
 
+def _runs_view(frame: pd.DataFrame, first: str, by: str | None, accuracy: Accuracy) -> TableView:
+    """The readable table of runs: what they share in the caption, ratios and differences to ``first``."""
+    headers = dict(RUN_HEADERS, by_value=by or "")
+    headers.update({f"{c}_ratio": f"{RUN_HEADERS[c].removesuffix(' s')} / {first}" for c in RUN_RATIOS})
+    headers.update({f"{c}_delta": f"Δ {RUN_HEADERS[c][:-2]} vs {first} (points)" for c in RUN_DELTAS})
+    shown = frame.assign(
+        epochs_text=[f"{d}/{n}" for d, n in zip(frame["epochs_done"], frame["epochs"], strict=True)]
+    )
+    shown = shown.dropna(axis="columns", how="all")
+    shown, caption = _lift(shown, RUN_CONTEXT)
+    sources = set(frame["gmacs_source"])
+    caption = " · ".join(part for part in (caption, f"GMACs: {', '.join(sorted(sources))}") if part)
+    top1 = ACCURACY_COLUMNS[accuracy]
+    view = tables.view(shown, headers)
+    key = _headers_of(view, headers, ("label", "by_value", top1, *RUN_KEY))
+    extra = _headers_of(view, headers, (f"{top1}_delta", *RUN_EXTRA))
+    return TableView("Side by side", view, caption, key=key, extra=extra)
+
+
 def compare_runs(
     paths: Sequence[Path],
     *,
@@ -397,9 +391,9 @@ def compare_runs(
         GsaError: naming a folder that is not a run directory or is half-written, or the file of a
             damaged run (not UTF-8, a value of the wrong type, an epoch repeated).
     """
-    records = [_read_checked(path) for path in paths]
-    labels = _labels(paths)
-    rows = [_run_row(label, record, count_gmacs) for label, record in zip(labels, records, strict=True)]
+    records = [read_checked(path) for path in paths]
+    labels, short = folder_labels(paths), compact_labels(paths)
+    rows = [_run_row(*row, count_gmacs) for row in zip(labels, short, records, strict=True)]
     frame = pd.DataFrame(rows)
     if by is not None:
         values = [_axis_value(config_value(record, by)) for record in records]
@@ -411,20 +405,10 @@ def compare_runs(
     for column in RUN_DELTAS:
         frame[f"{column}_delta"] = [_difference(value, first[column]) for value in frame[column]]
 
-    headers = dict(RUN_HEADERS, by_value=by or "")
-    headers.update({f"{c}_ratio": f"{RUN_HEADERS[c].removesuffix(' s')} / {labels[0]}" for c in RUN_RATIOS})
-    headers.update({f"{c}_delta": f"Δ {RUN_HEADERS[c][:-2]} vs {labels[0]} (points)" for c in RUN_DELTAS})
-    shown = frame.assign(
-        epochs_text=[f"{d}/{n}" for d, n in zip(frame["epochs_done"], frame["epochs"], strict=True)]
-    )
-    shown = shown.dropna(axis="columns", how="all")
-    shown, caption = _lift(shown, RUN_CONTEXT)
-    sources = set(frame["gmacs_source"])
-    caption = " · ".join(part for part in (caption, f"GMACs: {', '.join(sorted(sources))}") if part)
-    views = [TableView("Side by side", tables.view(shown, headers), caption)]
+    views = [_runs_view(frame, short[0], by, accuracy)]
 
     comparison = Comparison(
-        f"gsa compare: {' vs '.join(labels)}",
+        f"gsa compare: {' vs '.join(short)}",
         [f"`{record.path}`: {_describe(record)}" for record in records],
         frame,
         views,
@@ -435,7 +419,7 @@ def compare_runs(
         accuracy=accuracy,
     )
     comparison.settings += [
-        f"ratios over {labels[0]}; top-1 differences in percentage points",
+        f"ratios over {short[0]} ({labels[0]}); top-1 differences in percentage points",
         "GMACs: per image at the run's image size, batch 1, eval mode",
     ]
     if by is not None:

@@ -30,17 +30,36 @@ SUMMARY_HEADERS = {
     "infer_img_s": "infer img/s",
     "infer_latency": "infer ms (IQR)",
     "infer_peak_mib": "infer peak MiB",
+    "infer_process_mib": "infer process MiB",
+    "infer_baseline_mib": "infer baseline MiB",
     "infer_tflops": "infer TFLOP/s",
     "infer_peak_pct": "infer % peak",
     "infer_cpu_wait_pct": "infer CPU wait %",
     "train_img_s": "train img/s",
     "train_latency": "train ms (IQR)",
     "train_peak_mib": "train peak MiB",
+    "train_process_mib": "train process MiB",
+    "train_baseline_mib": "train baseline MiB",
     "train_tflops": "train TFLOP/s",
     "train_peak_pct": "train % peak",
     "train_cpu_wait_pct": "train CPU wait %",
     "status": "status",
 }
+# On a terminal: always the key columns (those present), then others as the width allows, in order.
+SUMMARY_KEY = tuple(
+    SUMMARY_HEADERS[column]
+    for column in (
+        "model", "img_size", "batch", "params", "gmacs", "infer_img_s", "train_img_s", "infer_peak_mib",
+        "train_peak_mib",
+    )
+)  # fmt: skip
+SUMMARY_EXTRA = tuple(
+    SUMMARY_HEADERS[column]
+    for column in (
+        "status", "infer_latency", "train_latency", "gmacs_spatial", "infer_tflops", "train_tflops",
+        "infer_peak_pct", "train_peak_pct", "infer_process_mib", "train_process_mib", "gmacs_products",
+    )
+)  # fmt: skip
 # Held fixed in a profile: shown once, in the caption, when every row has the same value.
 CONTEXT_COLUMNS = (
     "preset",
