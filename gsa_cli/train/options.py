@@ -39,6 +39,10 @@ class TrainOptions:
         threads: CPU threads for torch's operators; None: torch's default (one per core).
         sync_bn: Synchronise BatchNorm statistics across ranks.
         on_corrupt: Fail on an unreadable image (default), or skip it with a warning.
+        log: Experiment trackers to log to: ``tensorboard``, ``wandb`` (see
+            :mod:`gsa_cli.train.trackers`); none by default.
+        init: Weights a new run starts from: ``torchvision``, ``timm``, or a checkpoint or state-dict
+            file (see :mod:`gsa_cli.train.warmstart`); None: its random initialisation.
     """
 
     out: Path | None = None
@@ -52,6 +56,8 @@ class TrainOptions:
     threads: int | None = None
     sync_bn: bool = False
     on_corrupt: OnCorrupt = OnCorrupt.FAIL
+    log: tuple[str, ...] = ()
+    init: str | None = None
 
 
 def numerics(options: TrainOptions, resumed: Checkpoint | None) -> tuple[Precision, bool]:

@@ -5,8 +5,10 @@ same from a notebook. A run is a :class:`_Run` whose phases are its methods: ope
 the checkpoint to resume), build the data, build the model and the recipe, resume, then per epoch
 train, evaluate, save and summarise, and stop on a signal. It knows nothing of GSA (the model names its
 own parameters kept out of weight decay, ``model.no_weight_decay()``); the loops live in
-:mod:`gsa_cli.train.loop`, the recipe's parts in :mod:`gsa_cli.train.recipe` and the checkpoint in
-:mod:`gsa_cli.train.checkpoint`.
+:mod:`gsa_cli.train.loop`, the recipe's parts in :mod:`gsa_cli.train.recipe`, the checkpoint in
+:mod:`gsa_cli.train.checkpoint`, the data phase in :mod:`gsa_cli.train.loaders`, the checks before a
+start in :mod:`gsa_cli.train.preflight`, warm starts (``--init``) in :mod:`gsa_cli.train.warmstart`
+and experiment tracking (``--log``) behind :mod:`gsa_cli.train.trackers`'s interface.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -23,27 +24,15 @@ from typing import Any, NoReturn
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from gsa_cli.bench.macs import count_gmacs
 from gsa_cli.config import Config, config_to_yaml
-from gsa_cli.data import (
-    DATA_ENV,
-    CorruptFiles,
-    OnCorrupt,
-    ShardSampler,
-    TrainSampler,
-    build_datasets,
-    data_root,
-    held_in_memory,
-    loader_workers,
-    make_loader,
-)
+from gsa_cli.data import OnCorrupt
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
 from gsa_cli.results import EpochMetrics, RunDir, RunLock, RunSummary, WriteError, default_run_dir, now_iso
 from gsa_cli.runtime import Precision, device_name, seed_everything
-from gsa_cli.train import distributed
+from gsa_cli.train import distributed, preflight, warmstart
 from gsa_cli.train.checkpoint import (
     Best,
     Checkpoint,
@@ -54,7 +43,8 @@ from gsa_cli.train.checkpoint import (
     publish,
     restore_rng,
 )
-from gsa_cli.train.integrity import fingerprint, load_weights
+from gsa_cli.train.integrity import load_weights
+from gsa_cli.train.loaders import RunData, run_data
 from gsa_cli.train.loop import (
     EpochOutcome,
     RunReporter,
@@ -66,7 +56,9 @@ from gsa_cli.train.loop import (
 from gsa_cli.train.options import TrainOptions, check_resume, numerics
 from gsa_cli.train.recipe import ModelEma, batch_mixing, build_optimizer, build_schedule, param_groups
 from gsa_cli.train.record import RunFacts, summarise, write_or_stop
-from gsa_cli.train.streams import LOADER, MIXING, KeyedSampler, SeededSamples, stream_seed
+from gsa_cli.train.streams import LOADER, MIXING, stream_seed
+from gsa_cli.train.trackers import Tracking, tracked
+from gsa_cli.train.warmstart import WarmStart
 
 __all__ = ["RunReporter", "TrainOptions", "TrainingStoppedError", "train"]
 
@@ -75,29 +67,36 @@ __all__ = ["RunReporter", "TrainOptions", "TrainingStoppedError", "train"]
 # Training.
 
 
-def train(config: Config | None, options: TrainOptions, *, reporter: RunReporter) -> RunSummary:
+def train(
+    config: Config | None,
+    options: TrainOptions,
+    *,
+    reporter: RunReporter,
+    show_init: Callable[[WarmStart], None] | None = None,
+) -> RunSummary:
     """Train ``config`` (or continue ``options.resume``) and return the run's summary.
 
     Writes the run directory (rank 0 only, holding its lock throughout): ``config.yaml``,
     ``metrics.csv`` and ``summary.json``, ``last.pt`` after every epoch and ``best.pt`` (the commit of
     :mod:`gsa_cli.train.checkpoint`). SIGINT/SIGTERM stop at the next step, save ``last.pt`` there
     (resumable) and raise :class:`TrainingStoppedError`. A start that fails before writing anything
-    leaves no folder behind.
+    leaves no folder behind. ``show_init`` shows a warm start's report (default: the reporter's lines).
 
     Raises:
         ConfigError: for options or data that do not fit the config.
         GsaError: for missing data, unreadable files or checkpoints, a run directory another process
             is writing, a file that cannot be written, a non-finite loss, a signal.
     """
-    if options.threads is not None:
-        if options.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {options.threads}")
-        torch.set_num_threads(options.threads)
+    preflight.prepare(options)  # options, packages, threads: refused before anything starts
     world, device = distributed.setup(options.device)
     try:
-        run = _Run(config, options, world, device, reporter if world.is_main else SilentReporter())
+        shown = show_init or (lambda report: report.tell(reporter.message))
+        run = _Run(config, options, world, device, reporter if world.is_main else SilentReporter(), shown)
         try:
-            return run.run()
+            if world.is_main:  # once the start succeeded: a CPU that other work keeps busy
+                preflight.warn_if_cpu_busy(device, options)
+            with run.tracking:
+                return run.run()
         finally:
             if run.lock is not None:
                 run.lock.release()
@@ -118,12 +117,10 @@ class _Run:
     run_dir: RunDir
     precision: Precision
     channels_last: bool
-    corrupt: CorruptFiles
-    sampler: TrainSampler
-    train_loader: DataLoader[Any]
-    val_loader: DataLoader[Any]
+    data: RunData  # this rank's loaders, and what the data is
     model: nn.Module
     no_decay: set[str]
+    warm: WarmStart | None  # the warm start's report (--init)
     facts: RunFacts  # what the summary says that does not change
     ema: ModelEma | None
     trainer: Trainer
@@ -135,18 +132,21 @@ class _Run:
         world: distributed.World,
         device: torch.device,
         reporter: RunReporter,
+        show_init: Callable[[WarmStart], None],
     ) -> None:
         self.options, self.world, self.device, self.reporter = options, world, device, reporter
+        self.show_init = show_init
         self.lock: RunLock | None = None  # rank 0's hold on the run directory
+        self.tracking = Tracking()
         try:
             resumed = self._open(config)
-            self._data()
+            self.data = run_data(self.config, options, world, device, self.reporter.message)
             if resumed is not None:
                 check_resume(
                     resumed,
                     world_size=world.world_size,
-                    data=self.fingerprint,
-                    root=self.data_root,
+                    data=self.data.fingerprint,
+                    root=self.data.root,
                 )
             forward = self._build_model()
             self._build_trainer(forward)
@@ -158,11 +158,19 @@ class _Run:
             self.session_start = time.perf_counter()
             if resumed is not None:
                 self._resume(resumed)
-            else:
-                distributed.on_main(
-                    world, functools.partial(self.run_dir.write_config, config_to_yaml(self.config))
-                )
+            self.tracking, self.reporter = tracked(  # rank 0's trackers (--log), and its reporter logging
+                self.reporter,
+                options.log if world.is_main else (),
+                self.run_dir.path,
+                self.config,
+                resume_step=self.trainer.step if resumed is not None else None,
+                step=lambda: self.trainer.step,
+                carried=lambda: self.carried,
+            )
+            if resumed is None:
+                distributed.on_main(world, self._record_start)
         except BaseException:
+            self.tracking.close(failed=True)
             if self.lock is not None:
                 self.lock.abandon()  # and the folder too, if this start wrote nothing in it
             raise
@@ -197,41 +205,15 @@ class _Run:
             self.run_dir = RunDir(Path(out or default_run_dir(config.name, config.model.kind.value)))
         self.lock = self.run_dir.claim(new=self.options.resume is None, made=out is None)
 
-    def _data(self) -> None:
-        """The data sets, this rank's share of them, and their loaders."""
-        config, world, options = self.config, self.world, self.options
-        root = data_root(options.data or os.environ.get(DATA_ENV) or None, config.data)
-        train_set, val_set = build_datasets(config, root)
-        self.fingerprint, self.data_root = fingerprint(config.data, train_set, val_set), root
-        self.corrupt = CorruptFiles(options.on_corrupt, self.reporter.message)
-        in_memory = held_in_memory(config.data)
-        workers = loader_workers(options.workers, root, world_size=world.world_size, in_memory=in_memory)
-        batch_size, pin_memory = config.recipe.batch_size, self.device.type == "cuda"
-        seed = config.recipe.seed
-        self.sampler = TrainSampler(train_set, rank=world.rank, world_size=world.world_size, seed=seed)
-        if self.sampler.num_samples < 2:
-            raise ConfigError(
-                f"{self.sampler.total_size} training images are too few to train on "
-                f"{world.world_size} rank(s)"
-            )
-        loader = functools.partial(make_loader, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
-        # No ragged last batch in training, if a full one exists. Augmentation keyed by (epoch, index).
-        self.loader_seeds = torch.Generator()  # reseeded per epoch (see the streams module)
-        self.train_loader = loader(
-            SeededSamples(train_set, seed),
-            KeyedSampler(self.sampler),
-            drop_last=self.sampler.num_samples >= batch_size,
-            generator=self.loader_seeds,
-        )
-        shard = ShardSampler(len(val_set), rank=world.rank, world_size=world.world_size)  # type: ignore[arg-type]
-        self.val_loader = loader(val_set, shard, drop_last=False)
-
     def _build_model(self) -> Any:
         """The model (the same initial weights on every rank), its size, and what the loop calls:
         the model, or its DDP or compiled wrapper. Then each rank its own augmentation stream."""
         config, world, device, options = self.config, self.world, self.device, self.options
         seed_everything(config.recipe.seed)
         model = build_model(config)
+        self.warm = warmstart.warm_start(model, options.init, config.model) if options.init else None
+        if self.warm is not None and world.is_main:
+            self.show_init(self.warm)
         self.no_decay = model.no_weight_decay()  # its names outlive the wrappers and conversions below
         data = config.data
         self.facts = RunFacts(
@@ -246,6 +228,7 @@ class _Run:
             precision=self.precision,
             channels_last=self.channels_last,
             compiled=options.compile,
+            init=self.warm.source if self.warm else warmstart.recorded_source(self.run_dir.path),
         )
         if options.sync_bn and device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
@@ -277,7 +260,9 @@ class _Run:
             model=model,
             forward=forward,
             optimizer=optimizer,
-            scheduler=build_schedule(optimizer, recipe, steps_per_epoch=len(self.train_loader)),
+            scheduler=build_schedule(
+                optimizer, recipe, steps_per_epoch=len(self.data.train_loader), warn=self.world.is_main
+            ),
             scaler=torch.amp.GradScaler(device.type, enabled=self.precision is Precision.FP16),
             ema=self.ema,
             device=device,
@@ -285,13 +270,19 @@ class _Run:
             label_smoothing=recipe.label_smoothing,
             grad_clip=recipe.grad_clip,
             channels_last=self.channels_last,
-            check=self.corrupt.check,
+            check=self.data.corrupt.check,
             # Only skipping can leave a rank without a batch; failing stops the run on that rank.
             agree=distributed.all_ranks if self.options.on_corrupt is OnCorrupt.SKIP else (lambda keep: keep),
             batch_transform=batch_mixing(recipe, num_classes=self.config.data.num_classes),
             seed=stream_seed(MIXING, recipe.seed, self.world.rank),
             sync_every=1 if device.type == "cpu" else 10,
         )
+
+    def _record_start(self) -> None:
+        """A new run's first files (rank 0): its config, and its warm start's report."""
+        self.run_dir.write_config(config_to_yaml(self.config))
+        if self.warm is not None:
+            warmstart.write_record(self.run_dir.path, self.warm)
 
     # -- Resuming. -----------------------------------------------------------------------------------
 
@@ -344,22 +335,24 @@ class _Run:
                     with contextlib.suppress(GsaError):
                         self.run_dir.write_summary(self._summary("failed"))
                 raise
-        return self._summary("finished")
+        summary = self._summary("finished")
+        self.tracking.log_summary(self.trainer.step, dataclasses.asdict(summary))
+        return summary
 
     def _epoch(self) -> None:
         """Train the next epoch (or the rest of it), evaluate, save, report; stop if signalled."""
         recipe = self.config.recipe
-        self.sampler.set_epoch(self.epoch)
-        self.loader_seeds.manual_seed(stream_seed(LOADER, recipe.seed, self.world.rank, self.epoch))
-        self.sampler.start = self.batches_done * recipe.batch_size
+        self.data.sampler.set_epoch(self.epoch)
+        self.data.loader_seeds.manual_seed(stream_seed(LOADER, recipe.seed, self.world.rank, self.epoch))
+        self.data.sampler.start = self.batches_done * recipe.batch_size
         outcome = self.trainer.train_epoch(
-            self.train_loader,
+            self.data.train_loader,
             epoch=self.epoch + 1,
             reporter=self.reporter,
             carried=self.carried,
             batches_done=self.batches_done,
         )
-        self.sampler.start, self.carried = 0, None
+        self.data.sampler.start, self.carried = 0, None
         if not outcome.finished:
             self._stop_part_way(outcome)
         row = self._validate(outcome)
@@ -377,8 +370,10 @@ class _Run:
         train_stats = outcome.totals.reduced(self.device).stats()
         evaluated = self.ema.module if self.ema else self.model
         if recipe.precise_bn_batches:
-            self.trainer.recalibrate_batch_norm(evaluated, self.train_loader, recipe.precise_bn_batches)
-        val = self.trainer.evaluate(evaluated, self.val_loader, epoch=self.epoch + 1, reporter=self.reporter)
+            self.trainer.recalibrate_batch_norm(evaluated, self.data.train_loader, recipe.precise_bn_batches)
+        val = self.trainer.evaluate(
+            evaluated, self.data.val_loader, epoch=self.epoch + 1, reporter=self.reporter
+        )
         val_stats = val.stats()
         return EpochMetrics(
             epoch=self.epoch + 1,
@@ -447,8 +442,8 @@ class _Run:
             wall_time_s=self._wall_time(),
             started=self.started,
             metrics=tuple(self.rows),
-            train_images=self.fingerprint.train_images,
-            data=self.fingerprint,
+            train_images=self.data.fingerprint.train_images,
+            data=self.data.fingerprint,
         )
 
     def _wall_time(self) -> float:

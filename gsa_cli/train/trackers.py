@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -147,7 +148,9 @@ def open_tracking(
     message: Callable[[str], None],
 ) -> Tracking:
     """Open the trackers ``names`` for the run in ``run_dir`` (``resume_step``: the step a resumed run
-    continues from; None for a new run). ``config`` is the resolved config as plain data.
+    continues from; None for a new run). ``config`` is the resolved config as plain data. When one
+    cannot start, those opened are closed, and a new run's tracker folders removed (so that its failed
+    start leaves no folder behind).
 
     Raises:
         GsaError: when a tracker cannot start (W&B's own errors, in one line).
@@ -164,6 +167,9 @@ def open_tracking(
             tracking.trackers.append(tracker)
     except BaseException:
         tracking.close(failed=True)
+        if resume_step is None:
+            for folder in (TENSORBOARD_DIR, WANDB_DIR):
+                shutil.rmtree(run_dir / folder, ignore_errors=True)
         raise
     return tracking
 
