@@ -55,7 +55,8 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{model or 'CPU'} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model or 'CPU'} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[None]:
