@@ -41,9 +41,10 @@ class ModelKind(str, Enum):
 class GsaImplementation(str, Enum):
     """How each GSA module computes its branches (``GlobalSelfAttention2d(implementation=...)``)."""
 
-    AUTO = "auto"  # the fastest for the device
+    AUTO = "auto"  # the fastest for the device: native on the CPU where it builds, else gemm
     REFERENCE = "reference"  # the plain einsums of models/gsa.py, the definition
     GEMM = "gemm"  # the batched-GEMM autograd functions of models/gsa_kernels.py
+    NATIVE = "native"  # the fused C++ axial kernel of models/gsa_native.py (gemm where it cannot run)
 
 
 class Stem(str, Enum):

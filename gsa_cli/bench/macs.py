@@ -12,7 +12,9 @@ and dense-attention modules is counted:
   the ``q k^T`` and attention-times-values products), GSA's axial positional passes and its content
   branch, custom autograd functions that fvcore sees as one ``prim::PythonOp`` each
   (``N * L * (d_k + d_v)`` for a pass along an axis of length ``L``; ``2 N d_k d_v / h`` for the
-  content branch, plus its softmaxes), keyed on the names :mod:`gsa_cli.models.gsa_kernels` exports.
+  content branch, plus its softmaxes), keyed on the names :mod:`gsa_cli.models.gsa_kernels` exports,
+  and the native kernel's custom operator (``gsa::axial_attention``, :mod:`gsa_cli.models.gsa_native`)
+  at the same count (``FlopCounterMode`` counts it by the formula that module registers).
   The module's reference implementation (plain einsums and softmaxes) counts the same totals, under
   ``einsum`` and ``softmax``.
 * **Per-element costs** (fvcore's conventions where it has one), also in the MAC total:
@@ -47,6 +49,7 @@ from torch import nn
 from gsa_cli.choices import MacCounter
 from gsa_cli.errors import GsaError
 from gsa_cli.models.gsa_kernels import AXIAL_FUNCTION, CONTENT_FUNCTION
+from gsa_cli.models.gsa_native import AXIAL_OP
 from gsa_cli.runtime import module_mode
 
 # Operator names as reported in MacCount.by_operator (fvcore's simplified names: "aten::" dropped).
@@ -310,6 +313,7 @@ FVCORE_HANDLES: dict[str, Handle] = {
     "aten::einsum": _einsum_macs,
     "aten::scaled_dot_product_attention": _sdpa_macs,
     f"prim::PythonOp.{AXIAL_FUNCTION}": _axial_attention_macs,
+    AXIAL_OP: _axial_attention_macs,  # the native kernel's operator: the same inputs
     f"prim::PythonOp.{CONTENT_FUNCTION}": _content_attention_macs,
     "aten::softmax": _softmax_cost,
     "aten::log_softmax": _softmax_cost,

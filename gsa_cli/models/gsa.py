@@ -7,8 +7,10 @@ row), written as plain einsums, :func:`content_attention` and :func:`axial_atten
 
 Implementations (the ``implementation`` keyword) are equivalent: tests hold them equal in float64,
 forward and backward. ``"reference"`` runs the einsums below, autograd keeping the logits; ``"gemm"``
-(:mod:`gsa_cli.models.gsa_kernels`) runs batched GEMMs that never store the logits; ``"auto"``
-(default) picks the fastest for the device: ``"gemm"`` everywhere today. gemm's forward+backward time
+(:mod:`gsa_cli.models.gsa_kernels`) runs batched GEMMs that never store the logits; ``"native"``
+(:mod:`gsa_cli.models.gsa_native`) runs the axial passes as one fused C++ kernel on the CPU, built on
+first use (gemm where it cannot run); ``"auto"`` (default) picks the fastest for the device: native
+on the CPU where it builds, gemm elsewhere (with one warning line saying why). gemm's forward+backward time
 and peak memory as a fraction of the reference's (``benchmarks/README.md``, rows ``gsa`` against
 ``einsum``; 2-core AMD EPYC VM, fp32, batch 8): 56x56x64 0.35 and 0.26, 28x28x128 0.79 and 0.46,
 14x14x256 0.85 and 0.57, 7x7x512 0.82-1.09 and 0.71. No GPU comparison is recorded yet.
@@ -23,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsa_cli.models.gsa_kernels import axial_attention_gemm, content_attention_gemm
+from gsa_cli.models.gsa_native import axial_attention_auto, axial_attention_native
 
 Axis = Literal["height", "width"]  # the image axis an axial pass attends along: a column, or a row
-Implementation = Literal["auto", "reference", "gemm"]
-IMPLEMENTATIONS: tuple[Implementation, ...] = ("auto", "reference", "gemm")
+Implementation = Literal["auto", "reference", "gemm", "native"]
+IMPLEMENTATIONS: tuple[Implementation, ...] = ("auto", "reference", "gemm", "native")
 
 
 def relative_index(size: int, span: int, *, device: torch.device) -> Tensor:
@@ -79,9 +82,9 @@ def axial_attention(queries: Tensor, values: Tensor, pairs: Tensor, *, axis: Axi
 
 
 # Each branch's implementations by name; "auto" is the fastest on every device measured (see the note).
-CONTENT = {"reference": content_attention, "gemm": content_attention_gemm}
-AXIAL = {"reference": axial_attention, "gemm": axial_attention_gemm}
-CONTENT["auto"], AXIAL["auto"] = CONTENT["gemm"], AXIAL["gemm"]
+CONTENT = {"reference": content_attention, "gemm": content_attention_gemm, "native": content_attention_gemm}
+AXIAL = {"reference": axial_attention, "gemm": axial_attention_gemm, "native": axial_attention_native}
+CONTENT["auto"], AXIAL["auto"] = CONTENT["gemm"], axial_attention_auto  # native on the CPU, else gemm
 
 
 class GlobalSelfAttention2d(nn.Module):
@@ -99,8 +102,9 @@ class GlobalSelfAttention2d(nn.Module):
         positional: Keep the positional branch.
         query_softmax: Softmax the queries over their channels in the content branch (an ablation;
             the paper has none).
-        implementation: ``"reference"`` (the einsums above), ``"gemm"`` (:mod:`.gsa_kernels`), or
-            ``"auto"``: the fastest for the device (see the module's note). All compute the same.
+        implementation: ``"reference"`` (the einsums above), ``"gemm"`` (:mod:`.gsa_kernels`),
+            ``"native"`` (:mod:`.gsa_native`), or ``"auto"``: the fastest for the device (see the
+            module's note). All compute the same.
     """
 
     def __init__(
