@@ -60,13 +60,20 @@ HEAD_GROUPS = 4
 
 
 def _head_chunks(heads: int, length: int, rows: int) -> list[slice]:
-    per_chunk = 1 if length * rows * length >= PER_HEAD_LOGITS else -(-heads // HEAD_GROUPS)
+    """The heads a pass takes at a time: one by one when a head's logits (``length x rows x length``)
+    reach :data:`PER_HEAD_LOGITS`, else in :data:`HEAD_GROUPS` groups. ``rows`` counts the batch, so a
+    traced program (``torch.export``, ``torch.compile``) takes heads one by one whatever the batch:
+    the rule would otherwise tie it to a range of batch sizes (a guard, and a recompile past it)."""
+    one_by_one = torch.compiler.is_compiling() or length * rows * length >= PER_HEAD_LOGITS
+    per_chunk = 1 if one_by_one else -(-heads // HEAD_GROUPS)
     return [slice(start, min(start + per_chunk, heads)) for start in range(0, heads, per_chunk)]
 
 
 def _transposed(rows: int, columns: int) -> bool:
-    """Whether a ``rows x columns`` GEMM result is better laid out (and computed) transposed."""
-    return columns < min(rows, SHORT_COLUMNS)
+    """Whether a ``rows x columns`` GEMM result is better laid out (and computed) transposed. In a
+    traced program ``rows`` (which may count the batch, see :func:`_head_chunks`) count as many."""
+    many = torch.compiler.is_compiling()
+    return columns < (SHORT_COLUMNS if many else min(rows, SHORT_COLUMNS))
 
 
 def _empty_result(like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -84,8 +91,10 @@ def _bmm(left: Tensor, right: Tensor, out: Tensor | None = None) -> Tensor:
     :func:`_empty_result`, a view of a chunk of it) sets the orientation.
     """
     transposed = _transposed(left.shape[1], right.shape[2]) if out is None else not out.is_contiguous()
-    if out is not None and torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
-        # A backward run with create_graph (a gradient penalty): out= is not differentiable.
+    differentiable = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
+    if out is not None and (differentiable or torch.compiler.is_compiling()):
+        # out= is not differentiable (a backward run with create_graph: a gradient penalty), nor is it in
+        # a traced program (torch.export's, which may run with grad on).
         return out.copy_(torch.bmm(right.mT, left.mT).mT if transposed else torch.bmm(left, right))
     if transposed:
         return torch.bmm(right.mT, left.mT, out=None if out is None else out.mT).mT
