@@ -7,6 +7,8 @@ time).
 
 from __future__ import annotations
 
+import warnings
+
 
 class GsaError(Exception):
     """A failure the user can act on; ``exit_code`` is what the CLI exits with."""
@@ -38,3 +40,19 @@ class ScheduleWarning(GsaWarning):
 
 class BusyCpuWarning(GsaWarning):
     """A CPU that other work keeps busy, on which torch's default threads would wait on each other."""
+
+
+class SpanWarning(GsaWarning):
+    """A GSA module sees a map larger than its span, so its positional attention is no longer global: the
+    net is used at a larger input than it was built for."""
+
+    @classmethod
+    def check(cls, span: int, size: int) -> None:
+        """Warn if a map side of ``size`` pixels is beyond a GSA module's ``span``."""
+        if size > span:
+            message = (
+                f"a GSA module of span {span} sees a map side of {size} pixels: its positional attention "
+                f"no longer covers the whole map (global needs span >= {size}); give the net the image "
+                "size it was built for, or build it for this one (data.img_size)"
+            )
+            warnings.warn(cls(message), stacklevel=3)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsa_cli.errors import SpanWarning
 from gsa_cli.models.gsa_kernels import axial_attention_gemm, content_attention_gemm
 from gsa_cli.models.gsa_native import axial_attention_auto, axial_attention_native
 
@@ -178,6 +179,7 @@ class GlobalSelfAttention2d(nn.Module):
             return relative_index(size, self.span, device=device)
         key = (size, device)
         if key not in self._index_cache:
+            SpanWarning.check(self.span, size)  # once per module and size, in eager runs
             # A normal tensor even when first built under inference_mode, so autograd may use it later.
             with torch.inference_mode(False):
                 self._index_cache[key] = relative_index(size, self.span, device=device)
