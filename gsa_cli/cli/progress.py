@@ -1,4 +1,5 @@
-"""Showing a run's progress: a rich progress bar on a terminal, plain log lines elsewhere."""
+"""Showing progress: a run's rich progress bar on a terminal, plain log lines elsewhere; and the plain
+lines that stand in for ``gsa profile``'s and ``gsa compare``'s spinner off a terminal."""
 
 from __future__ import annotations
 
@@ -96,6 +97,22 @@ class PlainReporter:
 
     def epoch_end(self, row: EpochMetrics, epochs: int, best: bool) -> None:
         self.console.print(Text(epoch_line(row, epochs, best)), highlight=False, soft_wrap=True)
+
+
+class PlainStatus:
+    """The progress of ``gsa profile`` and ``gsa compare`` where there is no terminal for a spinner: one
+    line per step on the console (stderr), with the seconds since the start, so that a log shows what
+    the minutes went on. Called with each step's line, as the spinner's update is."""
+
+    def __init__(self, console: Console, label: str) -> None:
+        self.console = console
+        self.label = label
+        self.began = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        elapsed = time.monotonic() - self.began
+        text = Text(f"{self.label}: {line} [{elapsed:,.0f} s]")
+        self.console.print(text, highlight=False, soft_wrap=True)
 
 
 def reporter_for(console: Console) -> RichReporter | PlainReporter:

@@ -323,7 +323,7 @@ RUN_HEADERS = {
 # the width allows, in the order of RUN_EXTRA.
 RUN_KEY = ("params", "gmacs", "wall_time_s", "train_img_s")
 RUN_EXTRA = (
-    "model", "best_top1_delta", "final_top1_delta", "epochs_text", "wall_time_s_ratio", "params_ratio",
+    "wall_time_s_ratio", "model", "best_top1_delta", "final_top1_delta", "epochs_text", "params_ratio",
     "gmacs_ratio", "best_top1", "final_top1", "eval_top1", "best_epoch", "best_top5", "final_top5",
 )  # fmt: skip
 
