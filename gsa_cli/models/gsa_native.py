@@ -182,28 +182,29 @@ def _library_path(directory: Path) -> Path:
     return directory / f"{LIBRARY}{'.pyd' if sys.platform == 'win32' else '.so'}"
 
 
-def build_into(directory: Path, compile: Callable[[Path], None] = _compile) -> Path:
+def build_into(directory: Path, compile: Callable[[Path], None] | None = None) -> Path:
     """Build the library into ``directory`` unless a finished build is there, then load it.
 
-    Concurrent callers (processes) build once: the first holds the lock while it compiles, the others
-    wait for it and find ``build.json``. Returns the library's path.
+    Concurrent callers (processes) build once: the first holds the lock while it compiles (with
+    ``compile``, default :func:`_compile`), the others wait for it and find ``build.json``. Returns the
+    library's path.
     """
-    record = directory / "build.json"
-    if not record.is_file():
+    record, library = directory / "build.json", _library_path(directory)
+    if not (record.is_file() and library.is_file()):
         directory.mkdir(parents=True, exist_ok=True)
         with _exclusive(directory.parent / f"{directory.name}.lock"):
-            if not record.is_file():  # a concurrent first build may have finished while this one waited
+            # A concurrent first build may have finished while this one waited.
+            if not (record.is_file() and library.is_file()):
                 # torch's own lock file: before torch 2.14 its mere existence blocks, so a builder that
                 # died left it stale; no other builder is inside it while this lock is held.
                 (directory / "lock").unlink(missing_ok=True)
                 start = time.perf_counter()
-                compile(directory)
+                (compile or _compile)(directory)
                 _Process.built_here_s = time.perf_counter() - start
                 facts = {"seconds": round(_Process.built_here_s, 1), "compiler": compiler_version()}
                 partial = record.with_suffix(f".{os.getpid()}.tmp")
                 partial.write_text(json.dumps({**facts, "torch": torch.__version__}) + "\n")
                 partial.replace(record)
-    library = _library_path(directory)
     if str(library) not in torch.ops.loaded_libraries:
         torch.ops.load_library(str(library))
     return library
