@@ -179,19 +179,50 @@ using PackFn = void (*)(const View&, int64_t, const Lanes&, int, int64_t, const 
 template <typename T>
 using UnpackFn = void (*)(const T*, const View&, int64_t, const Lanes&, int, int64_t, const Geometry&);
 
+// A tile's lanes as runs of lanes whose elements are adjacent in memory: on a column pass the lanes
+// are a row of one image (unit stride), copied as blocks the compiler vectorises; on a row pass they
+// are a map row apart, runs of one.
+struct Runs {
+  int n = 0;
+  int first[MAX_LANES];       // the run's first lane
+  int length[MAX_LANES];      // its lanes
+  int64_t offset[MAX_LANES];  // the element of its first lane, from the head's origin
+};
+
+Runs runs_of(const View& v, const Lanes& lanes) {
+  Runs runs;
+  for (int l = 0; l < lanes.n; ++l) {
+    int64_t offset = lanes.b[l] * v.batch + lanes.o[l] * v.line;
+    int last = runs.n - 1;
+    if (last >= 0 && v.line == 1 && offset == runs.offset[last] + runs.length[last]) {
+      ++runs.length[last];
+      continue;
+    }
+    runs.first[runs.n] = l;
+    runs.length[runs.n] = 1;
+    runs.offset[runs.n] = offset;
+    ++runs.n;
+  }
+  return runs;
+}
+
 template <typename S, typename T>
 void pack(const View& v, int64_t head, const Lanes& lanes, int vw, int64_t channels, const Geometry& g,
           T* dst) {
   const S* base = static_cast<const S*>(v.data) + head * v.head;
-  int64_t offset[MAX_LANES];
-  for (int l = 0; l < lanes.n; ++l) offset[l] = lanes.b[l] * v.batch + lanes.o[l] * v.line;
+  const Runs runs = runs_of(v, lanes);
   for (int64_t ch = 0; ch < channels; ++ch) {
     for (int64_t a = 0; a < g.Apad; ++a) {
       T* row = dst + (ch * g.Apad + a) * vw;
       int l = 0;
       if (a < g.A) {
         const S* src = base + ch * v.channel + a * v.pos;
-        for (; l < lanes.n; ++l) row[l] = static_cast<T>(src[offset[l]]);
+        for (int r = 0; r < runs.n; ++r) {
+          const S* from = src + runs.offset[r];
+          T* to = row + runs.first[r];
+          for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<T>(from[k]);
+        }
+        l = lanes.n;
       }
       for (; l < vw; ++l) row[l] = T(0);
     }
@@ -202,13 +233,16 @@ template <typename S, typename T>
 void unpack(const T* src, const View& v, int64_t head, const Lanes& lanes, int vw, int64_t channels,
             const Geometry& g) {
   S* base = static_cast<S*>(v.data) + head * v.head;
-  int64_t offset[MAX_LANES];
-  for (int l = 0; l < lanes.n; ++l) offset[l] = lanes.b[l] * v.batch + lanes.o[l] * v.line;
+  const Runs runs = runs_of(v, lanes);
   for (int64_t ch = 0; ch < channels; ++ch) {
     for (int64_t a = 0; a < g.A; ++a) {
       const T* row = src + (ch * g.Apad + a) * vw;
       S* dst = base + ch * v.channel + a * v.pos;
-      for (int l = 0; l < lanes.n; ++l) dst[offset[l]] = static_cast<S>(row[l]);
+      for (int r = 0; r < runs.n; ++r) {
+        const T* from = row + runs.first[r];
+        S* to = dst + runs.offset[r];
+        for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<S>(from[k]);
+      }
     }
   }
 }
