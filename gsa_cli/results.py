@@ -104,6 +104,7 @@ class RunSummary:
     started: str  # ISO 8601, local time
     updated: str
     init: str | None = None  # the weights a warm start began from (--init; the run's init.json), or None
+    gsa_impl: str | None = None  # what its GSA modules ran: "native", "gemm" or "reference"; None: none
 
 
 @dataclass(frozen=True)

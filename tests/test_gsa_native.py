@@ -449,3 +449,36 @@ def test_the_wheel_ships_the_source() -> None:
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     relative = gsa_native.SOURCE.relative_to(ROOT / "gsa_cli" / "models").as_posix()
     assert any(fnmatch(relative, pattern) for pattern in package_data["gsa_cli.models"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# What ran, as profiles and runs record it.
+
+
+@pytest.mark.usefixtures("kernel")
+def test_profile_rows_record_the_implementation_that_ran() -> None:
+    from gsa_cli.bench.profile import ProfileSettings, profile
+    from gsa_cli.choices import Mode
+    from gsa_cli.presets import load_preset
+
+    settings = ProfileSettings(
+        device="cpu", img_sizes=(16,), batch_sizes=(1,), mode=Mode.INFER, warmup=0, iters=1
+    )
+    recorded = {}
+    for model, overrides in (("gsa", []), ("gsa", ["model.gsa_impl=gemm"]), ("conv", [])):
+        row = profile(load_preset("smoke", model=model, overrides=overrides), settings).rows[0]
+        recorded[(model, *overrides)] = row.gsa_impl
+    assert recorded == {("gsa",): "native", ("gsa", "model.gsa_impl=gemm"): "gemm", ("conv",): None}
+
+
+@pytest.mark.usefixtures("kernel")
+def test_a_runs_summary_records_the_implementation_that_ran(tmp_path: Path) -> None:
+    from gsa_cli.presets import load_preset
+    from gsa_cli.train.loop import SilentReporter
+    from gsa_cli.train.run import TrainOptions, train
+
+    tiny = ["recipe.epochs=1", "data.train_samples=16", "data.val_samples=16"]  # one step
+    options = TrainOptions(out=tmp_path / "run", device="cpu", threads=1)
+    summary = train(load_preset("smoke", overrides=tiny), options, reporter=SilentReporter())
+    assert summary.gsa_impl == "native"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["gsa_impl"] == "native"

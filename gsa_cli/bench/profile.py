@@ -56,9 +56,10 @@ from gsa_cli.bench.timers import (
     time_steps,
 )
 from gsa_cli.choices import MacCounter, Mode
-from gsa_cli.config import Config
+from gsa_cli.config import Config, ModelKind
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
+from gsa_cli.models.gsa_native import implementation_that_runs
 from gsa_cli.runtime import (
     Precision,
     autocast,
@@ -149,6 +150,7 @@ class ProfileRow:
     warmup: int = 0
     iters: int = 0
     uncounted: str = ""  # operators the counter left out
+    gsa_impl: str | None = None  # what the GSA modules ran: "native", "gemm" or "reference"; None: none
 
 
 @dataclass
@@ -439,6 +441,8 @@ def profile(
     run = _run_for(settings, resolve_device(settings.device))
     say = progress or (lambda line: None)
     fixed = _fixed_columns(settings, run)
+    if config.model.kind is ModelKind.GSA:
+        fixed["gsa_impl"] = implementation_that_runs(config.model.gsa_impl.value, run.device)
     defaults = CUDA_DEFAULTS if run.device.type == "cuda" else CPU_DEFAULTS
     batches = settings.batch_sizes or (defaults["batch"],)
     result = ProfileResult(rows=[])

@@ -47,6 +47,7 @@ class RunFacts:
     channels_last: bool
     compiled: bool
     init: str | None = None  # the warm start's source (see gsa_cli.train.warmstart)
+    gsa_impl: str | None = None  # what the GSA modules run (gsa_cli.models.gsa_native.model_implementation)
 
 
 def summarise(
@@ -89,6 +90,7 @@ def summarise(
         started=started,
         updated=now_iso(),
         init=facts.init,
+        gsa_impl=facts.gsa_impl,
         **_versions(),  # type: ignore[arg-type]
     )
 

@@ -30,6 +30,7 @@ from gsa_cli.config import Config, config_to_yaml
 from gsa_cli.data import OnCorrupt
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
+from gsa_cli.models.gsa_native import model_implementation
 from gsa_cli.results import EpochMetrics, RunDir, RunLock, RunSummary, WriteError, default_run_dir, now_iso
 from gsa_cli.runtime import Precision, device_name, seed_everything
 from gsa_cli.train import distributed, preflight, warmstart
@@ -229,6 +230,7 @@ class _Run:
             channels_last=self.channels_last,
             compiled=options.compile,
             init=self.warm.source if self.warm else warmstart.recorded_source(self.run_dir.path),
+            gsa_impl=model_implementation(model, device),
         )
         if options.sync_bn and device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
