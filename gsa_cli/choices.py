@@ -62,3 +62,10 @@ class Accuracy(str, Enum):
     BEST = "best"
     FINAL = "final"
     EVAL = "eval"
+
+
+class ExportFormat(str, Enum):
+    """What ``gsa export`` writes: an ONNX model (the dynamo exporter) or a ``torch.export`` program."""
+
+    ONNX = "onnx"
+    PT2 = "pt2"

@@ -51,8 +51,7 @@ class SpanWarning(GsaWarning):
         """Warn if a map side of ``size`` pixels is beyond a GSA module's ``span``."""
         if size > span:
             message = (
-                f"a GSA module of span {span} sees a map side of {size} pixels: its positional attention "
-                f"no longer covers the whole map (global needs span >= {size}); give the net the image "
-                "size it was built for, or build it for this one (data.img_size)"
+                f"a GSA module of span {span} sees {size}-pixel maps: its positional attention is not "
+                "global; give the net the image size it was built for, or build it for this size"
             )
             warnings.warn(cls(message), stacklevel=3)
