@@ -271,7 +271,10 @@ def test_key_channels_default_to_output_channels() -> None:
         ({"span": 0}, "span must be at least 1"),
         ({"stride": 3}, "stride must be 1 or 2"),
         ({"content": False, "positional": False}, "at least one"),
-        ({"implementation": "fast"}, "implementation must be one of auto, reference, gemm, native, got 'fast'"),
+        (
+            {"implementation": "fast"},
+            "implementation must be one of auto, reference, gemm, native, got 'fast'",
+        ),
     ],
 )
 def test_impossible_arguments_are_refused(kwargs: dict[str, object], message: str) -> None:
