@@ -44,7 +44,8 @@ class BusyCpuWarning(GsaWarning):
 
 class SpanWarning(GsaWarning):
     """A GSA module sees a map larger than its span, so its positional attention is no longer global: the
-    net is used at a larger input than it was built for."""
+    net is used at a larger input than it was built for (or its span was set smaller, ``model.span``, which
+    the module cannot tell apart). Shown once per module and map size, from eager runs only."""
 
     @classmethod
     def check(cls, span: int, size: int) -> None:
@@ -52,6 +53,7 @@ class SpanWarning(GsaWarning):
         if size > span:
             message = (
                 f"a GSA module of span {span} sees {size}-pixel maps: its positional attention is not "
-                "global; give the net the image size it was built for, or build it for this size"
+                "global; give the net the image size it was built for, or build it for this size "
+                "(unless model.span was set small on purpose)"
             )
             warnings.warn(cls(message), stacklevel=3)
