@@ -171,6 +171,21 @@ def test_expanded_and_permuted_gradients_give_the_same_result() -> None:
 
 
 @pytest.mark.usefixtures("kernel")
+def test_the_table_gradient_is_the_same_on_every_call() -> None:
+    # Summed over the threads' chunks in their order, whichever thread ends first.
+    queries, values, pairs = pass_inputs((4, 3, 8, 8, 16, 12, 16), HEIGHT, torch.float32)
+    grad = torch.randn(values.shape)
+    first = torch.ops.gsa.axial_attention_backward(grad, queries, values, pairs, HEIGHT, False, False, True)[
+        2
+    ]
+    for _ in range(4):
+        again = torch.ops.gsa.axial_attention_backward(
+            grad, queries, values, pairs, HEIGHT, False, False, True
+        )
+        assert torch.equal(again[2], first)
+
+
+@pytest.mark.usefixtures("kernel")
 def test_an_empty_batch_gives_empty_results() -> None:
     queries, values, pairs = pass_inputs((0, 2, 3, 2, 4, 5, 4), WIDTH)
     assert torch.ops.gsa.axial_attention(queries, values, pairs, WIDTH).shape == (0, 2, 2, 4, 5)
@@ -482,3 +497,35 @@ def test_a_runs_summary_records_the_implementation_that_ran(tmp_path: Path) -> N
     summary = train(load_preset("smoke", overrides=tiny), options, reporter=SilentReporter())
     assert summary.gsa_impl == "native"
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["gsa_impl"] == "native"
+
+
+# ---------------------------------------------------------------------------------------------------
+# gsa kernels.
+
+
+@pytest.mark.usefixtures("kernel")
+def test_gsa_kernels_builds_and_reports_the_state() -> None:
+    from typer.testing import CliRunner
+
+    from gsa_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["kernels"])
+    assert result.exit_code == 0, result.output
+    state = gsa_native.kernel_state()
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in result.output.splitlines()}
+    assert lines["native GSA kernel"].startswith("loaded (")
+    assert f"in {state.build_seconds:.1f} s" in lines["native GSA kernel"]
+    assert lines["instruction set"] == state.variant
+    assert lines["compiler"] == state.compiler
+    assert lines["cache"] == str(state.directory)
+
+
+def test_gsa_kernels_reports_a_failed_build_and_exits_1(failed_build: str) -> None:
+    from typer.testing import CliRunner
+
+    from gsa_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["kernels"])
+    assert result.exit_code == 1
+    assert "native GSA kernel: failed" in " ".join(result.output.split())
+    assert f"the native GSA kernel did not build: {failed_build}; the full output is in" in result.output

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <string>
@@ -719,21 +720,32 @@ void run_backward(const at::Tensor& grad, const at::Tensor& queries, const at::T
                        unpack_for<T>(grad_queries.scalar_type()),
                        unpack_for<T>(grad_values.scalar_type())};
   BackwardFn<T> fn = backward_fn<T>(isa);
+  // Each chunk of work items sums its table gradient into a buffer of its own; the buffers are added
+  // up in the chunks' order afterwards, so that the result does not depend on which thread ends first.
+  struct Partial {
+    int64_t begin, first_head, size;
+    std::unique_ptr<Buffer<T>> sums;
+  };
   std::mutex lock;
+  std::vector<Partial> partials;
   const int64_t per_head = g.Apad * g.A * g.dpad;
-  T* total = need_p ? grad_table.data_ptr<T>() : nullptr;
   at::parallel_for(0, g.heads * g.tiles, 1, [&](int64_t begin, int64_t end) {
     int64_t first = begin / g.tiles, last = (end - 1) / g.tiles;
     int64_t size = need_p ? (last - first + 1) * per_head : 0;
-    Buffer<T> gp(size);
-    if (need_p) std::memset(gp.data, 0, sizeof(T) * size);
-    fn(args, begin, end, first, gp.data);
+    auto sums = std::make_unique<Buffer<T>>(size);
+    std::memset(sums->data, 0, sizeof(T) * size);
+    fn(args, begin, end, first, sums->data);
     if (need_p) {
       std::lock_guard<std::mutex> guard(lock);
-      T* dst = total + first * per_head;
-      for (int64_t n = 0; n < size; ++n) dst[n] += gp.data[n];
+      partials.push_back({begin, first, size, std::move(sums)});
     }
   });
+  std::sort(partials.begin(), partials.end(), [](const Partial& x, const Partial& y) { return x.begin < y.begin; });
+  for (const Partial& partial : partials) {
+    T* dst = grad_table.data_ptr<T>() + partial.first_head * per_head;
+    const T* src = partial.sums->data;
+    for (int64_t n = 0; n < partial.size; ++n) dst[n] += src[n];
+  }
 }
 
 std::vector<at::Tensor> axial_backward(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& values,
