@@ -16,14 +16,26 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from gsa_cli.cli import compare_cmd, eval_cmd, profile_cmd, render, train_cmd
+from gsa_cli.cli import compare_cmd, eval_cmd, export_cmd, profile_cmd, render, train_cmd
 from gsa_cli.cli.context import STATE
-from gsa_cli.cli.options import DebugOpt, ModelOpt, PresetArg, SetOpt
+from gsa_cli.cli.options import DebugOpt, ModelOpt, PresetArg, SetOpt, VersionOpt
 from gsa_cli.errors import DeprecatedKeyWarning, GsaError, GsaWarning
 
 
 class _Group(TyperGroup):
-    """The root command group: converts the project's errors into one red line and an exit code."""
+    """The root command group: converts the project's errors into one red line and an exit code, and
+    shows boolean flags in help as flags (typer's rich help gives every flag a ``<bool>`` type)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        _flags_as_flags(params)
+        return params
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _commands_flags_as_flags(command, ctx)
+        return command
 
     def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click since 0.23)
         try:
@@ -38,6 +50,20 @@ class _Group(TyperGroup):
             raise typer.Exit(err.exit_code) from None
 
 
+def _flags_as_flags(params: list[Any]) -> None:
+    """No type shown for an option that takes no value (``--compile``, ``--help``): an empty metavar."""
+    for param in params:
+        if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+            param.metavar = ""
+
+
+def _commands_flags_as_flags(command: Any, ctx: Any) -> None:
+    """:func:`_flags_as_flags` for a command and, for a group (``gsa presets``), its subcommands."""
+    _flags_as_flags(command.get_params(ctx))
+    for subcommand in getattr(command, "commands", {}).values():
+        _commands_flags_as_flags(subcommand, ctx)
+
+
 def _worker_of_launcher() -> bool:
     from gsa_cli.train.distributed import launched_by_gsa  # torch is loaded: a run was stopped
 
@@ -50,7 +76,9 @@ app = typer.Typer(
     help="Train and benchmark Global Self-Attention Networks against convolutional baselines.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 presets_app = typer.Typer(
     help="List the presets, or show one resolved.", invoke_without_command=True, no_args_is_help=False
@@ -59,7 +87,7 @@ app.add_typer(presets_app, name="presets")
 
 
 @app.callback()
-def _root(debug: DebugOpt = False) -> None:
+def _root(debug: DebugOpt = False, version: VersionOpt = False) -> None:
     STATE["debug"] = debug
 
 
@@ -91,6 +119,7 @@ def presets_show(preset: PresetArg, model: ModelOpt = "gsa", overrides: SetOpt =
 
 app.command("train")(train_cmd.train_command)
 app.command("eval")(eval_cmd.eval_command)
+app.command("export")(export_cmd.export_command)
 app.command("profile")(profile_cmd.profile_command)
 app.command("compare")(compare_cmd.compare_command)
 

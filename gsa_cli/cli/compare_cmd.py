@@ -27,6 +27,7 @@ from gsa_cli.cli.options import (
     ReportDirOpt,
     SetOpt,
     WarmupOpt,
+    WideOpt,
     check_writable,
     split_inputs,
 )
@@ -100,6 +101,7 @@ def compare_command(
     accuracy: AccuracyOpt = Accuracy.BEST,
     fmt: FormatOpt = OutputFormat.TABLE,
     out: ReportDirOpt = None,
+    wide: WideOpt = False,
 ) -> None:
     """Model kinds profiled side by side, or finished runs with their accuracy; ratios to the first.
 
@@ -122,4 +124,4 @@ def compare_command(
         if misplaced := flags(ctx, _KIND_ONLY):
             raise ConfigError(f"{', '.join(misplaced)}: for model kinds, not run directories")
         comparison = compare_runs(inputs.runs, by=by, accuracy=accuracy, count_gmacs=count_run_gmacs)
-    render.comparison(comparison, fmt=fmt, out=out)
+    render.comparison(comparison, fmt=fmt, out=out, wide=wide)

@@ -17,17 +17,73 @@ from typing import Annotated
 
 import typer
 
-from gsa_cli.choices import Accuracy, MacCounter, Mode, OnCorrupt, OutputFormat, Precision
+from gsa_cli.choices import Accuracy, ExportFormat, MacCounter, Mode, OnCorrupt, OutputFormat, Precision
 from gsa_cli.config import ModelKind
 from gsa_cli.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------
+# Short flags follow timm's scripts where they mean the same: -b/--batch-size (one size to train or
+# evaluate with; one or several to time), -j/--workers, -m/--model; and -p/--preset, -o/--out (where the
+# results go), -f/--format, -h/--help throughout.
+
+
+def _complete_preset(incomplete: str) -> list[str]:
+    """Shell completion of a preset name (a path completes as the shell does it)."""
+    from gsa_cli.presets import preset_names
+
+    return [name for name in preset_names() if name.startswith(incomplete)]
+
+
+def _complete_kind(incomplete: str) -> list[str]:
+    return [kind.value for kind in ModelKind if kind.value.startswith(incomplete)]
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: gsa-cli's version and torch's, read from the installed packages (torch not imported)."""
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(
+        f"gsa-cli {installed('gsa-cli')} (torch {installed('torch')}, Python {platform.python_version()})"
+    )
+    raise typer.Exit()
+
 
 # ---------------------------------------------------------------------------------------------------
 # Shared by several commands.
 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
-PresetArg = Annotated[str, typer.Argument(help="A preset name (see `gsa presets`) or a path to a YAML file.")]
+VersionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print gsa-cli's and torch's versions."
+    ),
+]
+PresetArg = Annotated[
+    str,
+    typer.Argument(
+        help="A preset name (see `gsa presets`) or a path to a YAML file.",
+        metavar="PRESET",
+        autocompletion=_complete_preset,
+    ),
+]
 PresetOpt = Annotated[
-    str, typer.Option("--preset", "-p", help="A preset name (see `gsa presets`) or a path to a YAML file.")
+    str,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="A preset name (see `gsa presets`) or a path to a YAML file.",
+        metavar="<name|file>",
+        autocompletion=_complete_preset,
+    ),
 ]
 ModelOpt = Annotated[
     str,
@@ -35,25 +91,34 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="Model kind: gsa (GSA-ResNet), conv (its ResNet twin) or full (dense global attention).",
+        metavar="<gsa|conv|full>",
+        autocompletion=_complete_kind,
     ),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a preset value, e.g. --set model.heads=4 (repeatable)."),
+    typer.Option(
+        "--set", help="Override a preset value, e.g. --set model.heads=4 (repeatable).", metavar="<key=value>"
+    ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", metavar="<auto|cpu|cuda:N>")
+]
 DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
         envvar="GSA_DATA",
+        metavar="<dir>",
         help="Data folder (ImageFolder, cifar-100-python or Fashion-MNIST IDX files); env GSA_DATA.",
     ),
 ]
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
-        "--workers", help="Loader processes per rank (default: 0 for in-memory data, else up to 8)."
+        "--workers",
+        "-j",
+        help="Loader processes per rank (default: 0 for in-memory data, else up to 8).",
     ),
 ]
 CorruptOpt = Annotated[
@@ -69,11 +134,17 @@ TrainPresetOpt = Annotated[
 ]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="Override recipe.epochs.")]
 TrainBatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", help="Override recipe.batch_size (per process).")
+    int | None, typer.Option("--batch-size", "-b", help="Override recipe.batch_size (per process).")
 ]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Override recipe.lr.")]
 RunDirOpt = Annotated[
-    Path | None, typer.Option("--out", help="Run directory (default: runs/PRESET-MODEL-TIMESTAMP).")
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Run directory (default: a new folder in runs/ named after the preset, model and time).",
+        metavar="<dir>",
+    ),
 ]
 ResumeOpt = Annotated[
     Path | None, typer.Option("--resume", help="Continue the run in this directory from its last.pt.")
@@ -95,6 +166,25 @@ NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This node's rank 
 RdzvEndpointOpt = Annotated[
     str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT where the nodes meet (multi-node).")
 ]
+# Experiment tracking (gsa_cli.train.trackers) and warm starts (gsa_cli.train.warmstart).
+LogOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--log",
+        metavar="<tensorboard|wandb>",
+        help="Log to TensorBoard (RUN/tb) or W&B (RUN/wandb; offline unless WANDB_MODE is set): repeat "
+        "or comma-separate.",
+    ),
+]
+InitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--init",
+        metavar="<torchvision|timm|PATH>",
+        help="Start from ImageNet weights (torchvision's or timm's ResNet) or a checkpoint, run directory "
+        "or state-dict file; prints what loaded (not with --resume).",
+    ),
+]
 
 # ---------------------------------------------------------------------------------------------------
 # gsa eval.
@@ -104,8 +194,40 @@ EmaOpt = Annotated[
     bool, typer.Option("--ema/--no-ema", help="Use the EMA weights when the checkpoint has them.")
 ]
 EvalBatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", help="Batch size (default: the run's).")
+    int | None, typer.Option("--batch-size", "-b", help="Batch size (default: the run's).")
 ]
+
+# ---------------------------------------------------------------------------------------------------
+# gsa export (its target is EvalTargetArg, its weights EmaOpt).
+
+ExportFormatOpt = Annotated[
+    ExportFormat,
+    typer.Option(
+        "--format", "-f", help="onnx (the dynamo exporter; needs gsa-cli[onnx]) or pt2 (torch.export)."
+    ),
+]
+ExportOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", metavar="FILE", help="File to write (default: beside the checkpoint, e.g. best.onnx)."
+    ),
+]
+ExportImgSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--img-size",
+        metavar="PX",
+        help="Image size of the exported input (default: the run's; larger makes GSA no longer global).",
+    ),
+]
+ToleranceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tolerance",
+        help="Largest difference from eager allowed, as a fraction of the largest logit (default: 1e-3).",
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")]
 
 # ---------------------------------------------------------------------------------------------------
 # gsa profile and gsa compare of model kinds.
@@ -116,12 +238,19 @@ PrecisionOpt = Annotated[
 BatchSizesOpt = Annotated[
     str | None,
     typer.Option(
-        "--batch-size", "-b", help="Batch sizes, comma-separated (default: 64 on a GPU, 4 on the CPU)."
+        "--batch-size",
+        "-b",
+        metavar="<n[,n...]>",
+        help="Batch size, or several comma-separated (default: 64 on a GPU, 4 on the CPU).",
     ),
 ]
 ImgSizesOpt = Annotated[
     str | None,
-    typer.Option("--img-size", help="Image sizes in pixels, comma-separated (default: the preset's)."),
+    typer.Option(
+        "--img-size",
+        metavar="<px[,px...]>",
+        help="Image size in pixels, or several comma-separated (default: the preset's).",
+    ),
 ]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="Time a torch.compile'd model.")]
@@ -138,9 +267,19 @@ CounterOpt = Annotated[
 ]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="How to print the results.")]
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Also write the results to FILE (.csv, .json or .md).")
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="Also write the results to FILE (.csv, .json or .md).", metavar="<file>"
+    ),
 ]
 DetailOpt = Annotated[bool, typer.Option("--detail", help="Also break the MACs down by module and operator.")]
+WideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wide",
+        help="Show every column on the terminal (default: the key columns and those that fit its width).",
+    ),
+]
 
 # ---------------------------------------------------------------------------------------------------
 # gsa compare.
@@ -156,7 +295,9 @@ CompareTargetsArg = Annotated[
 ByOpt = Annotated[
     str | None,
     typer.Option(
-        "--by", help="Runs: also tabulate and plot top-1 against this config key, e.g. data.distance."
+        "--by",
+        metavar="<key>",
+        help="Runs: also tabulate and plot top-1 against this config key, e.g. data.distance.",
     ),
 ]
 AccuracyOpt = Annotated[
@@ -167,7 +308,12 @@ AccuracyOpt = Annotated[
 ]
 ReportDirOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Write compare.csv, compare.json, compare.md and PNG plots to DIR."),
+    typer.Option(
+        "--out",
+        "-o",
+        help="Write compare.csv, compare.json, compare.md and PNG plots to DIR.",
+        metavar="<dir>",
+    ),
 ]
 
 # ---------------------------------------------------------------------------------------------------

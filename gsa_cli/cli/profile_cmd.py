@@ -23,6 +23,7 @@ from gsa_cli.cli.options import (
     PresetOpt,
     SetOpt,
     WarmupOpt,
+    WideOpt,
     check_writable,
     parse_sizes,
 )
@@ -77,6 +78,7 @@ def profile_command(
     overrides: SetOpt = None,
     counter: CounterOpt = MacCounter.FVCORE,
     detail: DetailOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Parameters, multiply-adds, throughput and peak memory of a model on this machine.
 
@@ -96,6 +98,6 @@ def profile_command(
         check_writable(out, "--out", folder=False)
     with render.status("profiling") as progress:
         result = profile(config, settings, progress=progress)
-    render.profile(result, preset=config.name, fmt=fmt, out=out)
+    render.profile(result, preset=config.name, fmt=fmt, out=out, wide=wide)
     if detail:
         render.profile_detail(result, kind=config.model.kind.value, fmt=fmt)

@@ -1,7 +1,11 @@
 """What the ``gsa`` commands print and write: rich tables on a terminal, CSV, JSON or Markdown text on a
 pipe, and the files of ``--out``.
 
-The frames come from :mod:`gsa_cli.report`; this module only chooses where and how they show. The
+The frames come from :mod:`gsa_cli.report`; this module only chooses where and how they show. A table
+on a terminal fits its width: the key columns and as many others as fit, never a cut cell
+(:func:`gsa_cli.report.tables.fit`); ``--wide`` shows every column, and so does a table sent down a pipe
+or into a log (each header on one line). Progress shows as a spinner on a terminal and as plain lines
+on stderr elsewhere. The
 profile's breakdowns import the torch side (:mod:`gsa_cli.bench.breakdown`) when asked for, after a
 profile has loaded torch anyway. pandas and the report modules are imported when a table is shown, so
 that ``gsa --help`` stays fast.
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,12 +25,17 @@ from rich.table import Table
 from rich.text import Text
 
 from gsa_cli.choices import OutputFormat
+from gsa_cli.cli.progress import PlainStatus
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from gsa_cli.bench.params import PresetSummary
     from gsa_cli.bench.profile import ProfileResult
     from gsa_cli.report.compare import Comparison
     from gsa_cli.results import EvalReport, RunSummary
+    from gsa_cli.train.export import ExportReport
+    from gsa_cli.train.warmstart import WarmStart
 
 console = Console()
 error_console = Console(stderr=True)
@@ -44,26 +53,80 @@ def notice(label: str, text: str) -> None:
 
 @contextlib.contextmanager
 def status(text: str) -> Iterator[Callable[[str], None]]:
-    """A spinner on stderr; yields a callable that replaces its line (shown literally)."""
+    """Progress on stderr: a spinner whose line each call replaces on a terminal; elsewhere (a pipe, a
+    log, a batch job) one plain line per call, with the seconds since the start (shown literally)."""
+    if not error_console.is_terminal:
+        yield PlainStatus(error_console, text)
+        return
     with error_console.status(Text(text)) as shown:
         yield lambda line: shown.update(Text(line))
 
 
-def _wide(width: int) -> Console:
-    """The console for a wide table: a terminal wraps it to its width, a pipe or a log file gets it whole."""
-    return console if console.is_terminal else Console(width=width)
+def _console_for(width: int) -> Console:
+    """Our console where it is ``width`` wide, else one as wide on the same output: a table is never cut
+    to fit (a terminal wraps the long lines of ``--wide``)."""
+    if width <= console.width:
+        return console
+    return Console(
+        file=console.file,
+        width=width,
+        force_terminal=console.is_terminal,
+        color_system=console.color_system,  # type: ignore[arg-type]  # its name, or None for none
+        no_color=console.no_color,
+    )
+
+
+def show_table(
+    frame: pd.DataFrame,
+    *,
+    title: str | None = None,
+    caption: str = "",
+    key: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    wrap: Sequence[str] = (),
+    wide: bool = False,
+) -> None:
+    """A table on stdout, then its caption and what it left out.
+
+    On a terminal: the ``key`` columns and those of the others that fit its width, in the order of
+    ``extra`` (all of them with ``wide``); the ``wrap`` columns (prose) wrap at their spaces. Elsewhere:
+    every column, each header and cell on one line.
+    """
+    from gsa_cli.report import tables
+
+    hidden: list[str] = []
+    if console.is_terminal:
+        if not wide:
+            frame, hidden = tables.fit(frame, console.width, key=key, extra=extra, wrap=wrap)
+        width = max(console.width, tables.needed_width(frame, wrap))
+        shown = tables.rich_table(frame, title=title, width=width, wrap=wrap)
+    else:
+        width = tables.natural_width(frame)
+        shown = tables.rich_table(frame, title=title)
+    screen = _console_for(width)
+    screen.print(shown)
+    notes = [caption] if caption else []
+    if hidden:
+        notes.append(f"{len(hidden)} more with --wide: {', '.join(hidden)}")
+    for note in notes:
+        screen.print(Text(note), highlight=False, soft_wrap=not console.is_terminal)
 
 
 def presets(rows: Iterable[PresetSummary]) -> None:
-    """The table of ``gsa presets``."""
-    table = Table(title="Presets")
-    for column in ("preset", "data set", "image", "conv params", "gsa params", "description"):
-        table.add_column(column, justify="right" if column.endswith("params") else "left")
-    for row in rows:
-        cells = (row.name, row.dataset, f"{row.img_size} px", f"{row.conv_params:,}", f"{row.gsa_params:,}")
-        table.add_row(*(Text(cell) for cell in (*cells, row.description)))
-    console.print(table)
-    console.print("Parameter counts are computed from the models the presets build (all parameters).")
+    """The table of ``gsa presets``: every column; the descriptions wrap to the terminal's width."""
+    import pandas as pd
+
+    columns = ("preset", "data set", "px", "conv params", "gsa params", "description")
+    records = [
+        (row.name, row.dataset, row.img_size, row.conv_params, row.gsa_params, row.description)
+        for row in rows
+    ]
+    show_table(
+        pd.DataFrame(records, columns=list(columns)),
+        title="Presets",
+        caption="Parameter counts are computed from the models the presets build (all parameters).",
+        wrap=("description",),
+    )
 
 
 def yaml_text(text: str) -> None:
@@ -94,6 +157,19 @@ def run_summary(summary: RunSummary) -> None:
     console.print(table)
 
 
+def warm_start(report: WarmStart) -> None:
+    """The table of what a warm start (``gsa train --init``) loaded and what it did not, and its notes."""
+    table = Table(title=Text(f"warm start from {report.source}"))
+    table.add_column("tensors")
+    table.add_column("count", justify="right")
+    table.add_column("modules (block numbers as *)")
+    for what, count, groups in report.rows():
+        table.add_row(Text(what), f"{count:,}", Text(", ".join(groups) or "-"))
+    console.print(table)
+    for note in report.notes:
+        console.print(Text(note), highlight=False, soft_wrap=True)
+
+
 def eval_report(report: EvalReport) -> None:
     """The table of ``gsa eval``, and the line of how it was measured."""
     table = Table(title=Text(f"{report.checkpoint} (epoch {report.epoch}, {report.weights} weights)"))
@@ -112,10 +188,32 @@ def eval_report(report: EvalReport) -> None:
     console.print(Text(f"{report.device}, {report.precision}, batch {report.batch_size}"))
 
 
-def profile(result: ProfileResult, *, preset: str, fmt: OutputFormat, out: Path | None) -> None:
+def export_report(report: ExportReport) -> None:
+    """The check of ``gsa export`` (the exported program against eager, per batch), and what was written."""
+    source = f"{report.checkpoint}, epoch {report.epoch}, {report.weights} weights"
+    table = Table(title=Text(f"{report.path} ({report.format.value}; {source})"))
+    for column in ("batch", "max |exported - eager|", "max |eager|", "allowed", "check"):
+        table.add_column(column, justify="right")
+    for check in report.checks:
+        cells = (f"{check.batch}", f"{check.max_diff:.3g}", f"{check.max_eager:.3g}", f"{check.limit:.3g}")
+        table.add_row(*cells, "ok" if check.ok else "failed")
+    console.print(table)
+    shape = " x ".join(str(size) for size in report.input_shape)
+    opset = "" if report.opset is None else f", opset {report.opset}"
+    console.print(
+        Text(
+            f"input {shape} (any batch){opset}, {report.size_bytes / 2**20:.1f} MiB; allowed: "
+            f"{report.tolerance:g} of the largest logit (at least 1)"
+        )
+    )
+
+
+def profile(
+    result: ProfileResult, *, preset: str, fmt: OutputFormat, out: Path | None, wide: bool = False
+) -> None:
     """A profile's rows: every column to a CSV or JSON file or pipe, the readable summary elsewhere."""
     from gsa_cli.report import tables
-    from gsa_cli.report.profile import rows_frame, summary_frame
+    from gsa_cli.report.profile import SUMMARY_EXTRA, SUMMARY_KEY, rows_frame, summary_frame
 
     frame = rows_frame(result.rows)
     summary, caption = summary_frame(frame)
@@ -124,7 +222,8 @@ def profile(result: ProfileResult, *, preset: str, fmt: OutputFormat, out: Path 
         tables.write(summary if as_file is OutputFormat.MD else frame, out, caption=caption)
         error_console.print(Text(f"wrote {out}"))
     if fmt is OutputFormat.TABLE:
-        _wide(250).print(tables.rich_table(summary, title=f"gsa profile: {preset}", caption=caption))
+        title = f"gsa profile: {preset}"
+        show_table(summary, title=title, caption=caption, key=SUMMARY_KEY, extra=SUMMARY_EXTRA, wide=wide)
     elif fmt is OutputFormat.MD:
         sys.stdout.write(tables.to_text(summary, fmt, caption=caption))
     else:
@@ -142,8 +241,8 @@ def profile_detail(result: ProfileResult, *, kind: str, fmt: OutputFormat) -> No
         modules = module_frame(module_shares(count, result.module_params[size]))
         operators = operator_frame(operator_shares(count))
         if fmt is OutputFormat.TABLE:
-            console.print(tables.rich_table(modules, title=f"MACs by module: {title}"))
-            console.print(tables.rich_table(operators, title=f"Counts by operator: {title}"))
+            show_table(modules, title=f"MACs by module: {title}")
+            show_table(operators, title=f"Counts by operator: {title}")
         elif fmt is OutputFormat.MD:
             sys.stdout.write(f"\n### MACs by module: {title}\n\n" + tables.markdown(modules))
             sys.stdout.write(f"\n### Counts by operator: {title}\n\n" + tables.markdown(operators))
@@ -152,7 +251,7 @@ def profile_detail(result: ProfileResult, *, kind: str, fmt: OutputFormat) -> No
             break
 
 
-def comparison(result: Comparison, *, fmt: OutputFormat, out: Path | None) -> None:
+def comparison(result: Comparison, *, fmt: OutputFormat, out: Path | None, wide: bool = False) -> None:
     """A comparison's files (``--out DIR``), then its tables: rich, Markdown, or every column as text."""
     from gsa_cli.report import tables
     from gsa_cli.report.files import write_report
@@ -161,10 +260,11 @@ def comparison(result: Comparison, *, fmt: OutputFormat, out: Path | None) -> No
         written = write_report(result, out)
         error_console.print(Text(f"wrote {', '.join(path.name for path in written)} to {out}"))
     if fmt is OutputFormat.TABLE:
-        screen = _wide(400)  # ratios make the table of kinds wide
         for number, view in enumerate(result.views):
             title = result.title if number == 0 else view.heading
-            screen.print(tables.rich_table(view.frame, title=title, caption=view.caption or None))
+            show_table(
+                view.frame, title=title, caption=view.caption, key=view.key, extra=view.extra, wide=wide
+            )
     elif fmt is OutputFormat.MD:
         for view in result.views:
             sys.stdout.write(f"\n### {view.heading}\n\n" + tables.markdown(view.frame, caption=view.caption))

@@ -16,6 +16,8 @@ from gsa_cli.cli.options import (
     DataOpt,
     DeviceOpt,
     EpochsOpt,
+    InitOpt,
+    LogOpt,
     LrOpt,
     ModelOpt,
     NnodesOpt,
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 # Options of `gsa train` that only the launching process uses; workers do not see them.
 _LAUNCH_ONLY = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
 # Options that choose what to train, which a resumed run takes from its checkpoint instead.
-_RUN_DEFINING = ("preset", "model", "overrides", "epochs", "batch_size", "lr")
+_RUN_DEFINING = ("preset", "model", "overrides", "epochs", "batch_size", "lr", "init")
 
 
 def _train_config(ctx: typer.Context, resume: Path | None, out: Path | None) -> Config | None:
@@ -127,6 +129,8 @@ def train_command(
     threads: ThreadsOpt = None,
     sync_bn: SyncBnOpt = False,
     on_corrupt: CorruptOpt = OnCorrupt.FAIL,
+    log: LogOpt = None,
+    init: InitOpt = None,
     nproc: NprocOpt = 1,
     nnodes: NnodesOpt = 1,
     node_rank: NodeRankOpt = 0,
@@ -135,14 +139,13 @@ def train_command(
     """Train a preset's model and write a run directory (config, metrics, summary, checkpoints)."""
     from gsa_cli.cli.progress import reporter_for
     from gsa_cli.train.distributed import die_with_launcher, in_torchrun, is_main_process
+    from gsa_cli.train.preflight import check_options
     from gsa_cli.train.run import TrainOptions, train
+    from gsa_cli.train.trackers import tracker_names
 
     die_with_launcher()  # a worker: stop when the launcher is killed (a no-op outside torchrun)
     check_launch(nproc, nnodes, node_rank)
     config = _train_config(ctx, resume, out)
-    if (nproc > 1 or nnodes > 1) and not in_torchrun():
-        _launch(ctx, config, out)
-        return
     options = TrainOptions(
         out=out,
         resume=resume,
@@ -156,7 +159,13 @@ def train_command(
         threads=threads,
         sync_bn=sync_bn,
         on_corrupt=on_corrupt,
+        log=tracker_names(log or ()),
+        init=init,
     )
-    summary = train(config, options, reporter=reporter_for(render.console))
+    if (nproc > 1 or nnodes > 1) and not in_torchrun():
+        check_options(options)  # once, here, rather than in every worker
+        _launch(ctx, config, out)
+        return
+    summary = train(config, options, reporter=reporter_for(render.console), show_init=render.warm_start)
     if is_main_process():
         render.run_summary(summary)
