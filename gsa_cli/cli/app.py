@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from gsa_cli.cli import compare_cmd, eval_cmd, export_cmd, profile_cmd, render, train_cmd
+from gsa_cli.cli import compare_cmd, eval_cmd, export_cmd, kernels_cmd, profile_cmd, render, train_cmd
 from gsa_cli.cli.context import STATE
 from gsa_cli.cli.options import DebugOpt, ModelOpt, PresetArg, SetOpt, VersionOpt
 from gsa_cli.errors import DeprecatedKeyWarning, GsaError, GsaWarning
@@ -122,6 +122,7 @@ app.command("eval")(eval_cmd.eval_command)
 app.command("export")(export_cmd.export_command)
 app.command("profile")(profile_cmd.profile_command)
 app.command("compare")(compare_cmd.compare_command)
+app.command("kernels")(kernels_cmd.kernels_command)
 
 
 # ---------------------------------------------------------------------------------------------------
