@@ -213,20 +213,25 @@ void pack(const View& v, int64_t head, const Lanes& lanes, int vw, int64_t chann
   const S* base = static_cast<const S*>(v.data) + head * v.head;
   const Runs runs = runs_of(v, lanes);
   for (int64_t ch = 0; ch < channels; ++ch) {
-    for (int64_t a = 0; a < g.Apad; ++a) {
-      T* row = dst + (ch * g.Apad + a) * vw;
-      int l = 0;
-      if (a < g.A) {
-        const S* src = base + ch * v.channel + a * v.pos;
+    const S* plane = base + ch * v.channel;
+    T* rows = dst + ch * g.Apad * vw;
+    if (runs.n == lanes.n) {
+      // No two lanes adjacent (a row pass): lane by lane, reading along its positions.
+      for (int l = 0; l < lanes.n; ++l) {
+        const S* from = plane + runs.offset[l];
+        for (int64_t a = 0; a < g.A; ++a) rows[a * vw + l] = static_cast<T>(from[a * v.pos]);
+      }
+    } else {
+      for (int64_t a = 0; a < g.A; ++a) {
         for (int r = 0; r < runs.n; ++r) {
-          const S* from = src + runs.offset[r];
-          T* to = row + runs.first[r];
+          const S* from = plane + a * v.pos + runs.offset[r];
+          T* to = rows + a * vw + runs.first[r];
           for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<T>(from[k]);
         }
-        l = lanes.n;
       }
-      for (; l < vw; ++l) row[l] = T(0);
     }
+    for (int64_t a = 0; a < g.Apad; ++a)
+      for (int l = a < g.A ? lanes.n : 0; l < vw; ++l) rows[a * vw + l] = T(0);
   }
 }
 
@@ -236,12 +241,19 @@ void unpack(const T* src, const View& v, int64_t head, const Lanes& lanes, int v
   S* base = static_cast<S*>(v.data) + head * v.head;
   const Runs runs = runs_of(v, lanes);
   for (int64_t ch = 0; ch < channels; ++ch) {
+    S* plane = base + ch * v.channel;
+    const T* rows = src + ch * g.Apad * vw;
+    if (runs.n == lanes.n) {
+      for (int l = 0; l < lanes.n; ++l) {
+        S* to = plane + runs.offset[l];
+        for (int64_t a = 0; a < g.A; ++a) to[a * v.pos] = static_cast<S>(rows[a * vw + l]);
+      }
+      continue;
+    }
     for (int64_t a = 0; a < g.A; ++a) {
-      const T* row = src + (ch * g.Apad + a) * vw;
-      S* dst = base + ch * v.channel + a * v.pos;
       for (int r = 0; r < runs.n; ++r) {
-        const T* from = row + runs.first[r];
-        S* to = dst + runs.offset[r];
+        const T* from = rows + a * vw + runs.first[r];
+        S* to = plane + a * v.pos + runs.offset[r];
         for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<S>(from[k]);
       }
     }
