@@ -56,21 +56,20 @@ sys.path.insert(0, str(ROOT))
 
 from gsa_cli.bench.timers import cpu_wait, time_steps  # noqa: E402
 from gsa_cli.models import gsa_native  # noqa: E402
-from gsa_cli.models.gsa import GlobalSelfAttention2d  # noqa: E402
+from gsa_cli.models.gsa import GlobalSelfAttention2d, Implementation  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 IMPLEMENTATIONS = ["native", "gemm", "einsum", "conv3x3", "qkv1x1"]
-GSA_IMPLEMENTATION = {"native": "native", "gemm": "gemm", "einsum": "reference"}
+GSA_IMPLEMENTATION: dict[str, Implementation] = {"native": "native", "gemm": "gemm", "einsum": "reference"}
 
 
 def build(name: str, channels: int, size: int, heads: int) -> nn.Module:
     """One implementation's module, seeded alike (the GSA ones share their weights)."""
     torch.manual_seed(0)
     if name in GSA_IMPLEMENTATION:
-        implementation = GSA_IMPLEMENTATION[name]
         return GlobalSelfAttention2d(
-            channels, channels, heads=heads, span=size, implementation=implementation
-        )  # type: ignore[arg-type]
+            channels, channels, heads=heads, span=size, implementation=GSA_IMPLEMENTATION[name]
+        )
     if name == "conv3x3":
         return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     if name == "qkv1x1":

@@ -529,3 +529,31 @@ def test_gsa_kernels_reports_a_failed_build_and_exits_1(failed_build: str) -> No
     assert result.exit_code == 1
     assert "native GSA kernel: failed" in " ".join(result.output.split())
     assert f"the native GSA kernel did not build: {failed_build}; the full output is in" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark runs (tiny: its numbers are not looked at here).
+
+
+@pytest.mark.usefixtures("kernel")
+def test_the_benchmark_runs_and_reports_against_the_baselines(tmp_path: Path) -> None:
+    out = tmp_path / "bench.csv"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_native.py"), "--stages", "4", "--batch", "2"]
+    command += [
+        "--rounds",
+        "1",
+        "--iters",
+        "1",
+        "--no-memory",
+        "--impl",
+        "native,einsum,conv3x3",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "native time_vs_einsum: geometric mean over 1 shapes" in result.stdout
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [row["impl"] for row in report["rows"]] == ["native", "einsum", "conv3x3"]
+    assert report["rows"][1]["time_vs_einsum"] == 1.0
+    assert report["machine"]["kernel_variant"] in VARIANTS
