@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -293,6 +294,8 @@ def test_calling_the_op_without_a_build_is_one_clear_error(failed_build: str) ->
 
 def test_a_missing_compiler_is_the_reason_given(tmp_path: Path) -> None:
     # A fresh process with a compiler that is not there: the real build fails, gemm runs.
+    if shutil.which("ninja") is None:
+        pytest.skip("torch's extension builder needs ninja first: the compiler is never reached")
     script = textwrap.dedent(
         """
         import json, warnings, torch
