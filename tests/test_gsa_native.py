@@ -401,6 +401,14 @@ def test_kernel_state_reports_the_build(kernel: gsa_native.KernelState) -> None:
     assert "not found" not in kernel.compiler
 
 
+def test_the_kernel_runs_its_loops_on_torchs_threads(kernel: gsa_native.KernelState) -> None:
+    # Without OpenMP, at::parallel_for compiles to a plain loop on one thread.
+    compile_flags, _ = gsa_native.openmp_flags()
+    if not compile_flags:
+        pytest.skip("torch has no OpenMP here: its own thread pool needs no flags")
+    assert b"GOMP_parallel" in gsa_native._library_path(kernel.directory).read_bytes()
+
+
 def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("GSA_KERNEL_CACHE", raising=False)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch"))

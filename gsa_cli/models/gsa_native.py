@@ -93,12 +93,30 @@ def _compiler() -> str:
     return os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension compiles with
 
 
+@functools.cache
+def openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Compile and link flags for OpenMP, without which ``at::parallel_for`` runs on one thread.
+
+    Linked to the OpenMP runtime this process's torch loaded (``/proc/self/maps``), so that the
+    kernel's parallel regions share torch's thread pool and follow ``torch.set_num_threads``; where
+    torch has no OpenMP (its native thread pool needs no flags) or the platform is not Linux, none.
+    """
+    if not torch.backends.openmp.is_available() or not sys.platform.startswith("linux"):
+        return (), ()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = Path(line.split()[-1])
+            if path.name.startswith(("libgomp", "libiomp", "libomp")) and ".so" in path.name:
+                return ("-fopenmp",), (str(path), f"-Wl,-rpath,{path.parent}")
+    return ("-fopenmp",), ("-fopenmp",)
+
+
 def build_directory() -> Path:
     """This build's folder: named by torch, Python and a hash of everything that changes the library."""
     key = hashlib.sha256()
     parts = (
         SOURCE.read_bytes(),
-        " ".join(CFLAGS),
+        " ".join((*CFLAGS, *openmp_flags()[0], *openmp_flags()[1])),
         torch.__version__,
         sys.version,
         platform.machine(),
@@ -170,7 +188,8 @@ def _compile(directory: Path) -> None:
             load(
                 name=LIBRARY,
                 sources=[str(SOURCE)],
-                extra_cflags=list(CFLAGS),
+                extra_cflags=[*CFLAGS, *openmp_flags()[0]],
+                extra_ldflags=list(openmp_flags()[1]),
                 build_directory=str(directory),
                 is_python_module=False,
                 verbose=False,
