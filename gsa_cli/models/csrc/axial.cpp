@@ -139,7 +139,7 @@ struct Buffer {
 
 // The sizes of one call. Positions are padded to Apad (a multiple of QB) along the query axis.
 struct Geometry {
-  int64_t batch, heads, d, c, A, O, Apad, M, tiles, dpad;
+  int64_t batch, heads, d, c, A, O, Apad, M, lanes, tiles, dpad;
 };
 
 // A (B, h, channels, H, W) tensor as one pass sees it: strides of its batch, head, channel, attended
@@ -653,6 +653,13 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& values, const at:
               "gsa native axial attention: pairs ", pairs.sizes(), " do not match queries ", queries.sizes());
 }
 
+// Work items per parallel chunk: at least ~128 Ki multiply-adds each, so that a small call (a
+// gradient check, a tiny net) runs on one thread instead of paying for waking the others.
+int64_t grain_size(const Geometry& g) {
+  int64_t per_item = std::max<int64_t>(1, g.Apad * g.A * (g.d + g.c) * g.lanes);
+  return std::max<int64_t>(1, (int64_t{1} << 17) / per_item);
+}
+
 Geometry geometry(const at::Tensor& queries, const at::Tensor& values, int64_t dim, int lanes, int table_lanes) {
   Geometry g;
   g.batch = queries.size(0);
@@ -663,6 +670,7 @@ Geometry geometry(const at::Tensor& queries, const at::Tensor& values, int64_t d
   g.O = queries.size(dim == 3 ? 4 : 3);
   g.Apad = (g.A + QB - 1) / QB * QB;
   g.M = g.batch * g.O;
+  g.lanes = lanes;
   g.tiles = (g.M + lanes - 1) / lanes;
   g.dpad = (g.d + table_lanes - 1) / table_lanes * table_lanes;
   return g;
@@ -691,7 +699,9 @@ void run_forward(const at::Tensor& queries, const at::Tensor& values, const at::
                       pack_for<T>(values.scalar_type()),
                       unpack_for<T>(out.scalar_type())};
   ForwardFn<T> fn = forward_fn<T>(isa);
-  at::parallel_for(0, g.heads * g.tiles, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  at::parallel_for(0, g.heads * g.tiles, grain_size(g), [&](int64_t begin, int64_t end) {
+    fn(args, begin, end);
+  });
 }
 
 at::Tensor axial_forward(const at::Tensor& queries, const at::Tensor& values, const at::Tensor& pairs, int64_t dim,
@@ -741,7 +751,7 @@ void run_backward(const at::Tensor& grad, const at::Tensor& queries, const at::T
   std::mutex lock;
   std::vector<Partial> partials;
   const int64_t per_head = g.Apad * g.A * g.dpad;
-  at::parallel_for(0, g.heads * g.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.heads * g.tiles, grain_size(g), [&](int64_t begin, int64_t end) {
     int64_t first = begin / g.tiles, last = (end - 1) / g.tiles;
     int64_t size = need_p ? (last - first + 1) * per_head : 0;
     auto sums = std::make_unique<Buffer<T>>(size);
