@@ -44,16 +44,15 @@ class BusyCpuWarning(GsaWarning):
 
 class SpanWarning(GsaWarning):
     """A GSA module sees a map larger than its span, so its positional attention is no longer global: the
-    net is used at a larger input than it was built for (or its span was set smaller, ``model.span``, which
-    the module cannot tell apart). Shown once per module and map size, from eager runs only."""
+    net is used at a larger input than it was built for. Shown once per module and map size, from eager
+    runs only; not for modules whose span a config set small on purpose (``model.span``)."""
 
     @classmethod
-    def check(cls, span: int, size: int) -> None:
-        """Warn if a map side of ``size`` pixels is beyond a GSA module's ``span``."""
-        if size > span:
+    def check(cls, span: int, size: int, *, enabled: bool = True) -> None:
+        """Warn if a map side of ``size`` pixels is beyond a GSA module's ``span`` (and ``enabled``)."""
+        if enabled and size > span:
             message = (
                 f"a GSA module of span {span} sees {size}-pixel maps: its positional attention is not "
-                "global; give the net the image size it was built for, or build it for this size "
-                "(unless model.span was set small on purpose)"
+                "global; give the net the image size it was built for, or build it for this size"
             )
             warnings.warn(cls(message), stacklevel=3)

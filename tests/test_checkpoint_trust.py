@@ -177,3 +177,18 @@ def test_weights_that_do_not_fit_their_config_are_one_line_in_eval_and_resume(
     assert "\n" not in message
     assert message.startswith(f"{out / 'last.pt'}: its model weights do not fit the model its saved config")
     assert problem in message
+
+
+def test_an_optimizer_state_that_does_not_fit_is_one_line_on_resume(tmp_path: Path) -> None:
+    out = stopped_run(tmp_path / "run")
+    checkpoint = Checkpoint.load(out / "last.pt")
+    optimizer = dict(checkpoint.optimizer)
+    groups = [dict(group) for group in optimizer["param_groups"]]
+    groups[0]["params"] = groups[0]["params"][:-1]  # a group one parameter short: another recipe's
+    optimizer["param_groups"] = groups
+    replace(checkpoint, optimizer=optimizer).save(out / "last.pt")
+    with pytest.raises(GsaError) as refused:
+        train(None, TrainOptions(resume=out, device="cpu"), reporter=SilentReporter())
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{out / 'last.pt'}: its optimizer state does not fit this run's optimizer (")

@@ -226,10 +226,7 @@ def test_pt2_export_of_a_checkpoint_file_replaces_a_file_only_with_force(
 def test_a_larger_input_than_the_net_was_built_for_warns_in_yellow_lines(pt2_cli: CliExport) -> None:
     lines = {line for line in pt2_cli.stderr.splitlines() if line.startswith("warning: ")}
     expected = {(16, 20), (8, 10), (4, 5)}  # (span, map side) of each stage at 20 px
-    advice = (
-        "give the net the image size it was built for, or build it for this size "
-        "(unless model.span was set small on purpose)"
-    )
+    advice = "give the net the image size it was built for, or build it for this size"
     assert lines == {
         f"warning: a GSA module of span {span} sees {size}-pixel maps: its positional attention is not "
         f"global; {advice}"
@@ -375,3 +372,16 @@ def test_a_module_warns_once_per_size_beyond_its_span_and_never_under_tracing() 
         torch._dynamo.reset()
     with pytest.warns(SpanWarning, match="span 4 sees 6-pixel maps"):
         module(x)
+
+
+def test_a_span_the_config_sets_small_on_purpose_does_not_warn() -> None:
+    local = build_model(load_preset("smoke", overrides=["model.span=3"])).eval()  # maps of 16 to 4 px
+    spans = {m.span for m in local.modules() if isinstance(m, GlobalSelfAttention2d)}
+    assert spans == {3}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", SpanWarning)
+        local(images(2, size=16))
+        local(images(2, size=20))
+    built_global = build_model(load_preset("smoke")).eval()
+    with pytest.warns(SpanWarning), torch.no_grad():  # the same check is live for a net built global
+        built_global(images(2, size=20))

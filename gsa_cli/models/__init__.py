@@ -24,7 +24,7 @@ __all__ = [
 
 
 def _gsa(model: ModelConfig, channels: int, stride: int, feature_size: int) -> nn.Module:
-    return GlobalSelfAttention2d(
+    module = GlobalSelfAttention2d(
         channels,
         channels,
         heads=model.heads,
@@ -36,6 +36,9 @@ def _gsa(model: ModelConfig, channels: int, stride: int, feature_size: int) -> n
         query_softmax=model.query_softmax,
         implementation=model.gsa_impl.value,
     )
+    # A span the config sets is local on purpose: only a net built global warns when used larger.
+    module.warn_beyond_span = model.span is None
+    return module
 
 
 def _full(model: ModelConfig, channels: int, stride: int, feature_size: int) -> nn.Module:

@@ -108,6 +108,8 @@ class GlobalSelfAttention2d(nn.Module):
             module's note). All compute the same.
     """
 
+    warn_beyond_span = True  # False where a config sets the span small on purpose (build_model)
+
     def __init__(
         self,
         in_channels: int,
@@ -179,7 +181,7 @@ class GlobalSelfAttention2d(nn.Module):
             return relative_index(size, self.span, device=device)
         key = (size, device)
         if key not in self._index_cache:
-            SpanWarning.check(self.span, size)  # once per module and size, in eager runs
+            SpanWarning.check(self.span, size, enabled=self.warn_beyond_span)  # once per size, eager
             # A normal tensor even when first built under inference_mode, so autograd may use it later.
             with torch.inference_mode(False):
                 self._index_cache[key] = relative_index(size, self.span, device=device)

@@ -198,3 +198,20 @@ def load_weights(module: nn.Module, state: Mapping[str, Tensor], path: Path, key
             f"{'; '.join(problems)}; it is a checkpoint of another model, or its config was changed"
         )
     module.load_state_dict(state)
+
+
+def load_state(part: Any, state: Any, path: Path, key: str) -> None:
+    """Load a checkpoint's ``key`` state (``optimizer``, ``scheduler``, ``scaler``) into ``part``.
+
+    Raises:
+        GsaError: naming ``path`` and ``key`` when the state does not fit (torch's own message kept):
+            parameter groups of another size, as when the model or the recipe changed since the save.
+    """
+    try:
+        part.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise GsaError(
+            f"{path}: its {key} state does not fit this run's {key} ({reason}); it is a checkpoint of "
+            "another model or recipe, or its config was changed"
+        ) from err

@@ -44,7 +44,7 @@ from gsa_cli.train.checkpoint import (
     publish,
     restore_rng,
 )
-from gsa_cli.train.integrity import load_weights
+from gsa_cli.train.integrity import load_state, load_weights
 from gsa_cli.train.loaders import RunData, run_data
 from gsa_cli.train.loop import (
     EpochOutcome,
@@ -292,9 +292,9 @@ class _Run:
         """Continue where ``checkpoint`` left off: weights, recipe state, progress, random state."""
         trainer, world = self.trainer, self.world
         load_weights(self.model, checkpoint.model, self.run_dir.last, "model")
-        trainer.optimizer.load_state_dict(checkpoint.optimizer)
-        trainer.scheduler.load_state_dict(checkpoint.scheduler)
-        trainer.scaler.load_state_dict(checkpoint.scaler)
+        for key, part in (("optimizer", trainer.optimizer), ("scheduler", trainer.scheduler)):
+            load_state(part, getattr(checkpoint, key), self.run_dir.last, key)
+        load_state(trainer.scaler, checkpoint.scaler, self.run_dir.last, "scaler")
         if self.ema is not None:
             if checkpoint.ema is None:
                 raise GsaError(
