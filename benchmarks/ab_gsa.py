@@ -81,7 +81,7 @@ def worker(tree: Path, stage: int, args: argparse.Namespace) -> dict[str, Any]:
         with timers.peak_memory(cpu) as peak:
             before = timers._read_status_kib("VmRSS") / 1024
             train_step()
-        return {"peak_mib": peak[0] - before}
+        return {"peak_mib": peak[0].process_mib - before}  # the process's peak over its resident set then
     with timers.cpu_wait() as wait:
         fwd_bwd = timers.time_steps(train_step, device=cpu, warmup=args.warmup, iters=args.iters)
         module.eval()

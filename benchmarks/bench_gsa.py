@@ -172,7 +172,9 @@ def measure(name: str, size: int, channels: int, args: argparse.Namespace) -> di
             )
             train_step()
             synchronize(device)
-        row["peak_mem_mib"] = peak[0] - before
+        reading = peak[0]  # the rise over what was held before the step (on the CPU: the process's peak)
+        process = reading.process_mib
+        row["peak_mem_mib"] = reading.peak_mib if process is None else process - before
         return row
 
     with cpu_wait() as wait:
