@@ -26,7 +26,7 @@ from gsa_cli.config import Config
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
 from gsa_cli.train.checkpoint import Checkpoint
-from gsa_cli.train.loop import TrainingStoppedError
+from gsa_cli.train.loop import SilentReporter, TrainingStoppedError
 from gsa_cli.train.run import TrainOptions, train
 from gsa_cli.train.warmstart import group_names, warm_start
 
@@ -36,23 +36,11 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # stable and fast on a shared 2-core machine
 
 
-class Quiet:
+class Quiet(SilentReporter):
     """A reporter that shows nothing; ``stop_after`` raises SIGINT at that epoch's end (as Ctrl-C)."""
 
     def __init__(self, stop_after: int | None = None) -> None:
         self.stop_after = stop_after
-
-    def start(self, phase: str, epoch: int, total: int, done: int) -> None:
-        pass
-
-    def update(self, done: int, stats: dict[str, float]) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
 
     def epoch_end(self, row: Any, epochs: int, best: bool) -> None:
         if row.epoch == self.stop_after:
