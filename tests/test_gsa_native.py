@@ -568,3 +568,16 @@ def test_the_benchmark_runs_and_reports_against_the_baselines(tmp_path: Path) ->
     assert [row["impl"] for row in report["rows"]] == ["native", "einsum", "conv3x3"]
     assert report["rows"][1]["time_vs_einsum"] == 1.0
     assert report["machine"]["kernel_variant"] in VARIANTS
+
+
+def test_the_kernel_links_torchs_openmp_runtime_even_with_another_one_loaded() -> None:
+    import sklearn.utils._openmp_helpers  # noqa: F401  (scikit-learn's own libgomp, as the digits set loads)
+
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    others = {line.split()[-1] for line in maps.splitlines() if "gomp" in line and str(torch_lib) not in line}
+    if not any(torch_lib.glob("libgomp*.so*")) or not others:
+        pytest.skip("needs torch's own libgomp and another one loaded beside it")
+    gsa_native.openmp_flags.cache_clear()
+    _, link = gsa_native.openmp_flags()
+    assert Path(link[0]).parent.resolve() == torch_lib  # two runtimes in one process can abort it at exit

@@ -103,12 +103,19 @@ def openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """
     if not torch.backends.openmp.is_available() or not sys.platform.startswith("linux"):
         return (), ()
+    loaded: list[Path] = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/maps").read_text().splitlines():
             path = Path(line.split()[-1])
             if path.name.startswith(("libgomp", "libiomp", "libomp")) and ".so" in path.name:
-                return ("-fopenmp",), (str(path), f"-Wl,-rpath,{path.parent}")
-    return ("-fopenmp",), ("-fopenmp",)
+                loaded.append(path)
+    # Torch's own runtime first: another package's copy (scikit-learn ships one, loaded by the digits
+    # set) would put two OpenMP runtimes in one process, which can abort it at exit.
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    if not loaded:
+        return ("-fopenmp",), ("-fopenmp",)
+    path = min(loaded, key=lambda path: path.parent.resolve() != torch_lib)  # torch's, else the first
+    return ("-fopenmp",), (str(path), f"-Wl,-rpath,{path.parent}")
 
 
 def build_directory() -> Path:
