@@ -385,3 +385,20 @@ def test_a_span_the_config_sets_small_on_purpose_does_not_warn() -> None:
     built_global = build_model(load_preset("smoke")).eval()
     with pytest.warns(SpanWarning), torch.no_grad():  # the same check is live for a net built global
         built_global(images(2, size=20))
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line_and_nothing_written(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    from gsa_cli.config import config_to_yaml
+
+    checkpoint = Checkpoint.load(run_dir / "last.pt")
+    wider = load_preset("smoke", overrides=["recipe.epochs=1", "model.width=12"])
+    edited = tmp_path / "edited.pt"
+    replace(checkpoint, config_yaml=config_to_yaml(wider)).save(edited)
+    result = CliRunner().invoke(app, ["export", str(edited), "-f", "pt2"])
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result).startswith(
+        f"error: {edited}: its ema weights do not fit the model its saved config builds: "
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["edited.pt"]

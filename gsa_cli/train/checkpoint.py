@@ -476,3 +476,22 @@ def _rng(read: _Reader) -> tuple[RngState, ...]:
             raise rank_read.error("cuda", "should be a list of tensors")
         result.append(RngState(tuple(python), rank_read.take("torch", Tensor, "a tensor"), tuple(cuda)))
     return tuple(result)
+
+
+def resolve_checkpoint(target: Path) -> Path:
+    """A checkpoint file, or a run directory's ``best.pt`` (else its ``last.pt``).
+
+    Raises:
+        GsaError: if ``target`` is neither.
+    """
+    if target.is_dir():
+        run = RunDir(target)
+        for candidate in (run.best, run.last):
+            if candidate.is_file():
+                return candidate
+        raise GsaError(
+            f"{target}: no best.pt or last.pt here; give a run directory of gsa train or a .pt file"
+        )
+    if not target.exists():
+        raise GsaError(f"{target}: no such run directory or checkpoint")
+    return target

@@ -33,7 +33,7 @@ from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
 from gsa_cli.results import EvalReport, RunDir, now_iso
 from gsa_cli.runtime import device_name, resolve_device
-from gsa_cli.train.checkpoint import Checkpoint, config_from_checkpoint
+from gsa_cli.train.checkpoint import Checkpoint, config_from_checkpoint, resolve_checkpoint
 from gsa_cli.train.integrity import load_weights
 from gsa_cli.train.loop import Reporter, evaluate
 
@@ -46,25 +46,6 @@ class EvalOptions:
     batch_size: int | None = None  # default: the run's
     workers: int | None = None
     on_corrupt: OnCorrupt = OnCorrupt.FAIL
-
-
-def resolve_checkpoint(target: Path) -> Path:
-    """A checkpoint file, or a run directory's ``best.pt`` (else its ``last.pt``).
-
-    Raises:
-        GsaError: if ``target`` is neither.
-    """
-    if target.is_dir():
-        run = RunDir(target)
-        for candidate in (run.best, run.last):
-            if candidate.is_file():
-                return candidate
-        raise GsaError(
-            f"{target}: no best.pt or last.pt here; give a run directory of gsa train or a .pt file"
-        )
-    if not target.exists():
-        raise GsaError(f"{target}: no such run directory or checkpoint")
-    return target
 
 
 def evaluate_checkpoint(target: Path, options: EvalOptions, *, reporter: Reporter) -> EvalReport:

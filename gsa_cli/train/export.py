@@ -52,8 +52,8 @@ from gsa_cli.config import Config, GsaImplementation
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import build_model
 from gsa_cli.results import atomic_write
-from gsa_cli.train.checkpoint import Checkpoint, config_from_checkpoint
-from gsa_cli.train.evaluate import resolve_checkpoint
+from gsa_cli.train.checkpoint import Checkpoint, config_from_checkpoint, resolve_checkpoint
+from gsa_cli.train.integrity import load_weights
 
 TOLERANCE = 1e-3  # of the largest logit (at least 1): see the module's note
 CHECK_BATCHES = (1, 32)  # the batches an export is checked on
@@ -134,8 +134,9 @@ def export_checkpoint(
     checkpoint = Checkpoint.load(source)
     config = _gemm(config_from_checkpoint(checkpoint, source))
     weights = checkpoint.ema if options.ema and checkpoint.ema is not None else checkpoint.model
+    weights_name = "ema" if weights is checkpoint.ema else "model"
     model = build_model(config)
-    model.load_state_dict(weights)
+    load_weights(model, weights, source, weights_name)  # weights that do not fit: one line, not a traceback
     model.eval()
     size = options.img_size or config.data.img_size
     images = _images(config.data.channels, size)
@@ -143,7 +144,6 @@ def export_checkpoint(
     with torch.inference_mode():
         eager = {batch: model(images[batch]) for batch in CHECK_BATCHES}
     _check_finite(eager, source)
-    weights_name = "ema" if weights is checkpoint.ema else "model"
     about = _provenance(source, checkpoint, config, weights_name, size)
     say(f"exporting {source} ({options.format.value})")
     export = _pt2 if options.format is ExportFormat.PT2 else _onnx
