@@ -50,6 +50,7 @@ class GsaImplementation(str, Enum):
 class Stem(str, Enum):
     IMAGENET = "imagenet"  # 7x7 conv stride 2, BN, ReLU, 3x3 max pool stride 2
     CIFAR = "cifar"  # 3x3 conv stride 1, BN, ReLU
+    STRIDE2 = "stride2"  # 3x3 conv stride 2, BN, ReLU: small images (28 px) halved once
 
 
 class Dataset(str, Enum):

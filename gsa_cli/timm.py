@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from gsa_cli.config import Config, Dataset, ModelConfig, ModelKind, Stem, config_from_mapping, config_to_dict
+from gsa_cli.config import Config, Dataset, ModelConfig, ModelKind, config_from_mapping, config_to_dict
 from gsa_cli.data import EVAL_CROP_RATIO, NORMALIZATION
 from gsa_cli.errors import ConfigError, GsaError
 from gsa_cli.models import ResNet, build_resnet
-from gsa_cli.models.resnet import POOL_TYPES, strided_size
+from gsa_cli.models.resnet import POOL_TYPES, stem_output_size, strided_size
 from gsa_cli.presets import load_preset
 
 try:
@@ -82,8 +82,7 @@ def _preset(kind: ModelKind, depth: int) -> Config:
 
 def _output_size(model: ModelConfig, img_size: int) -> int:
     """Height and width of the last stage's map (what the global pool sees) for ``img_size`` inputs."""
-    stride = 2 if model.stem is Stem.IMAGENET else 1
-    size = strided_size(strided_size(img_size, stride), stride)
+    size = stem_output_size(model.stem.value, img_size)
     for _ in model.stage_blocks[1:]:
         size = strided_size(size, 2)
     return size

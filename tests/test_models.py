@@ -109,6 +109,22 @@ def test_cifar_stem_keeps_resolution_and_imagenet_stem_divides_by_four() -> None
     assert build_model(load_preset("imagenet26", model="conv")).feature_sizes == [56, 56, 28, 14]
 
 
+
+@pytest.mark.parametrize("kind", ["conv", "gsa"])
+@pytest.mark.parametrize("size", [28, 27])
+def test_stride2_stem_halves_once_and_each_gsa_module_is_global_at_its_map(kind: str, size: int) -> None:
+    config = load_preset("fashion", model=kind, overrides=["model.stem=stride2", f"data.img_size={size}"])
+    model = build_model(config).eval()
+    half = (size + 1) // 2
+    assert model.feature_sizes == [half, half, (half + 1) // 2, ((half + 1) // 2 + 1) // 2]
+    assert [info["reduction"] for info in model.feature_info] == [2, 2, 4, 8, 16]
+    with torch.no_grad():
+        stem = model.relu(model.bn1(model.conv1(torch.randn(2, 1, size, size))))
+        assert stem.shape[-2:] == (half, half)
+        assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+    spans = [m.span for m in model.modules() if isinstance(m, GlobalSelfAttention2d)]
+    assert (spans[0] == half) if kind == "gsa" else not spans
+
 @pytest.mark.parametrize("kind", ["conv", "gsa"])
 def test_odd_input_sizes_keep_the_shortcut_in_step(kind: str) -> None:
     model = build_model(load_preset("smoke", model=kind, overrides=["data.img_size=15"])).eval()

@@ -95,13 +95,21 @@ class GlobalPool(nn.Module):
         return x.flatten(1) if self.flatten else x
 
 
-def _stem(stem: str, in_channels: int, width: int) -> tuple[nn.Conv2d, nn.Module, int]:
+def _stem(stem: str, in_channels: int, width: int) -> tuple[nn.Conv2d, nn.Module, int, int]:
     """The stem's convolution and pooling, and the stride each of them applies."""
     if stem == "imagenet":
-        return nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, 2, 1), 2
+        return nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, 2, 1), 2, 2
     if stem == "cifar":
-        return nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.Identity(), 1
-    raise ValueError(f"unknown stem {stem!r}: expected 'imagenet' or 'cifar'")
+        return nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.Identity(), 1, 1
+    if stem == "stride2":
+        return nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False), nn.Identity(), 2, 1
+    raise ValueError(f"unknown stem {stem!r}: expected 'imagenet', 'cifar' or 'stride2'")
+
+
+def stem_output_size(stem: str, img_size: int) -> int:
+    """Height and width of the stem's output (the first stage's input) for ``img_size`` inputs."""
+    _, _, conv_stride, pool_stride = _stem(stem, 1, 1)
+    return strided_size(strided_size(img_size, conv_stride), pool_stride)
 
 
 class ResNet(nn.Module):
@@ -117,7 +125,8 @@ class ResNet(nn.Module):
         blocks: Bottlenecks per stage (1 to 4 stages).
         spatial: One spatial-operator factory per stage.
         width: Bottleneck width of the first stage; doubled at each later stage.
-        stem: ``"imagenet"`` (7x7 stride-2 conv and 3x3 stride-2 max pool) or ``"cifar"`` (3x3 conv).
+        stem: ``"imagenet"`` (7x7 stride-2 conv and 3x3 stride-2 max pool), ``"cifar"`` (3x3 conv) or
+            ``"stride2"`` (3x3 stride-2 conv: small images halved once, e.g. 28 px to 14).
         in_channels: Image channels.
         num_classes: Outputs of the classifier; 0 for none (the model returns pooled features).
         img_size: Input height and width the network is built for; sets each stage's feature size,
@@ -145,15 +154,15 @@ class ResNet(nn.Module):
         super().__init__()
         if len(spatial) != len(blocks):
             raise ValueError(f"need one spatial factory per stage, got {len(spatial)} for {len(blocks)}")
-        conv, pool, stride = _stem(stem, in_channels, width)
+        conv, pool, conv_stride, pool_stride = _stem(stem, in_channels, width)
         self.conv1 = conv
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = pool
-        size = strided_size(strided_size(img_size, stride), stride)
-        reduction = stride
+        size = stem_output_size(stem, img_size)
+        reduction = conv_stride
         self.feature_info = [{"num_chs": width, "reduction": reduction, "module": "relu"}]
-        reduction *= stride
+        reduction *= pool_stride
 
         channels = width
         self.feature_sizes: list[int] = []  # input size of each stage
