@@ -117,3 +117,27 @@ def test_a_launch_whose_workers_fail_at_start_leaves_no_default_run_folder(tmp_p
     assert "no such folder" in result.stderr  # the workers' own line
     assert (tmp_path / "runs").is_dir()  # where the launcher made the run's default folder
     assert list((tmp_path / "runs").iterdir()) == []  # and removed it again, empty
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--version"], 0), (["presets", "--no-such-flag"], 2)])
+def test_a_data_parallel_worker_runs_exit_handlers_and_keeps_its_exit_code(
+    args: list[str], code: int
+) -> None:
+    # A worker ends with os._exit after the exit handlers (Python's finalisation could abort it while
+    # gloo's threads let go of the last collective); what it prints and its exit code stay the same.
+    script = (
+        "import atexit, sys; atexit.register(lambda: print('exit handler ran', flush=True)); "
+        f"sys.argv = ['gsa', *{args!r}]; from gsa_cli.cli.app import main; main()"
+    )
+    plain = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        for env in (
+            {**plain, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"},  # a worker
+            {**plain, "PYTHONPATH": str(REPO)},
+        )
+    ]
+    worker, single = runs
+    assert worker.returncode == single.returncode == code, worker.stderr
+    assert worker.stdout.endswith("exit handler ran\n")
+    assert (worker.stdout, worker.stderr) == (single.stdout, single.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -233,18 +234,25 @@ def launch(
     parser.allow_abbrev = False  # a worker's --log is not an abbreviation of torchrun's --log-dir
     args = parser.parse_args([*flags, "--module", "gsa_cli", *worker_args])
     os.environ[LAUNCHER_PID] = str(os.getpid())
+    problem: GsaError | None = None
     finished = False
     try:
         run(args)
         finished = True
     except SignalException as err:
-        raise _stopped(int(err.sigval), run_dir) from None
+        problem = _stopped(int(err.sigval), run_dir)
     except ChildFailedError as err:
-        raise _failed({rank: failure.exitcode for rank, failure in err.failures.items()}, run_dir) from None
+        problem = _failed({rank: failure.exitcode for rank, failure in err.failures.items()}, run_dir)
     finally:
         os.environ.pop(LAUNCHER_PID, None)
         if made and run_dir is not None and not finished:
             _remove_if_unused(run_dir)
+    # The agent is garbage now that the error and its traceback are gone. Collect it here, in the main
+    # thread: a stopped agent leaves its rendezvous heartbeat timer running, and a collection that
+    # happens to run in that timer's own thread fails to join it ("cannot join current thread").
+    gc.collect()
+    if problem is not None:
+        raise problem
 
 
 def _remove_if_unused(folder: Path) -> None:
