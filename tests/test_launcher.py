@@ -123,10 +123,12 @@ def test_a_launch_whose_workers_fail_at_start_leaves_no_default_run_folder(tmp_p
 def test_a_data_parallel_worker_runs_exit_handlers_and_keeps_its_exit_code(
     args: list[str], code: int
 ) -> None:
-    # A worker ends with os._exit after the exit handlers (Python's finalisation could abort it while
+    # A worker ends with os._exit after its threads and exit handlers (finalisation could abort it while
     # gloo's threads let go of the last collective); what it prints and its exit code stay the same.
     script = (
-        "import atexit, sys; atexit.register(lambda: print('exit handler ran', flush=True)); "
+        "import atexit, sys, threading, time; "
+        "atexit.register(lambda: print('exit handler ran', flush=True)); "
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start(); "
         f"sys.argv = ['gsa', *{args!r}]; from gsa_cli.cli.app import main; main()"
     )
     plain = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
@@ -139,5 +141,5 @@ def test_a_data_parallel_worker_runs_exit_handlers_and_keeps_its_exit_code(
     ]
     worker, single = runs
     assert worker.returncode == single.returncode == code, worker.stderr
-    assert worker.stdout.endswith("exit handler ran\n")
+    assert worker.stdout.endswith("thread done\nexit handler ran\n")  # threads joined, then the handlers
     assert (worker.stdout, worker.stderr) == (single.stdout, single.stderr)

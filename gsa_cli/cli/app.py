@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 import traceback
 import warnings
 from typing import Any, NoReturn
@@ -166,8 +167,8 @@ def _data_parallel_worker() -> bool:
 
 
 def _run_and_exit_as_worker() -> NoReturn:
-    """Run the command, then end the process the way :mod:`multiprocessing` ends its children: exit
-    handlers run and streams flushed, then ``os._exit`` with the command's exit code.
+    """Run the command, then end the process the way :mod:`multiprocessing` ends its children: other
+    threads joined, exit handlers run and streams flushed, then ``os._exit`` with the command's exit code.
 
     Python's own finalisation is skipped on purpose. gloo's worker threads outlive
     ``destroy_process_group`` (DDP's reducer keeps the group alive) and may still be letting go of the
@@ -183,6 +184,9 @@ def _run_and_exit_as_worker() -> NoReturn:
     except BaseException:  # what Python would print for an uncaught error, then its exit status
         traceback.print_exc()
         code = 1
+    for thread in threading.enumerate():  # what the interpreter waits for before its exit handlers
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
