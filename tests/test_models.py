@@ -109,7 +109,6 @@ def test_cifar_stem_keeps_resolution_and_imagenet_stem_divides_by_four() -> None
     assert build_model(load_preset("imagenet26", model="conv")).feature_sizes == [56, 56, 28, 14]
 
 
-
 @pytest.mark.parametrize("kind", ["conv", "gsa"])
 @pytest.mark.parametrize("size", [28, 27])
 def test_stride2_stem_halves_once_and_each_gsa_module_is_global_at_its_map(kind: str, size: int) -> None:
@@ -124,6 +123,7 @@ def test_stride2_stem_halves_once_and_each_gsa_module_is_global_at_its_map(kind:
         assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
     spans = [m.span for m in model.modules() if isinstance(m, GlobalSelfAttention2d)]
     assert (spans[0] == half) if kind == "gsa" else not spans
+
 
 @pytest.mark.parametrize("kind", ["conv", "gsa"])
 def test_odd_input_sizes_keep_the_shortcut_in_step(kind: str) -> None:

@@ -58,12 +58,13 @@ def test_imagenet_and_cifar_presets_carry_the_spec_layouts() -> None:
 
 
 def _resnet_parameters(config: Config) -> int:
-    """A bottleneck ResNet's parameters, counted by hand from its layout: a 3x3 stem conv and BN, then per
-    block a 1x1 reduce, the spatial operator (a 3x3 conv, or GSA's 1x1 qkv, its two relative tables of
+    """A bottleneck ResNet's parameters, counted by hand from its layout: a 3x3 stem conv (stride 1 or 2)
+    and BN, then per block a 1x1 reduce, the spatial operator (a 3x3 conv, or GSA's 1x1 qkv, its two relative tables of
     ``2 * span - 1`` rows and a BN), a 1x1 expand (x4), three BNs and, where the shape changes, a 1x1
     projection and BN; then the classifier. GSA's span is each block's input size (the preset's null)."""
     data, model = config.data, config.model
-    width, size = model.width, data.img_size
+    stem_stride = {"cifar": 1, "stride2": 2}[model.stem.value]
+    width, size = model.width, (data.img_size - 1) // stem_stride + 1
     total = 9 * data.channels * width + 2 * width
     channels = width
     for index, blocks in enumerate(model.stage_blocks):
@@ -89,7 +90,7 @@ def test_the_fashion_preset_builds_both_twins_with_one_recipe() -> None:
     for config in (conv, gsa):
         assert config.data.dataset.value == "fashion-mnist"
         assert (config.data.img_size, config.data.channels, config.data.num_classes) == (28, 1, 10)
-        assert (config.model.stem.value, config.model.stage_blocks) == ("cifar", (1, 2, 4, 1))
+        assert (config.model.stem.value, config.model.stage_blocks) == ("stride2", (1, 2, 4, 1))
         assert config.model.attention_stages == (1, 2, 3, 4)
         assert count_parameters(config) == _resnet_parameters(config)
     assert conv.recipe == gsa.recipe  # the twins are trained alike
