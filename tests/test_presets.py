@@ -59,9 +59,10 @@ def test_imagenet_and_cifar_presets_carry_the_spec_layouts() -> None:
 
 def _resnet_parameters(config: Config) -> int:
     """A bottleneck ResNet's parameters, counted by hand from its layout: a 3x3 stem conv (stride 1 or 2)
-    and BN, then per block a 1x1 reduce, the spatial operator (a 3x3 conv, or GSA's 1x1 qkv, its two relative tables of
-    ``2 * span - 1`` rows and a BN), a 1x1 expand (x4), three BNs and, where the shape changes, a 1x1
-    projection and BN; then the classifier. GSA's span is each block's input size (the preset's null)."""
+    and BN, then per block a 1x1 reduce, the spatial operator (a 3x3 conv, or GSA's 1x1 qkv, its two
+    relative tables of ``2 * span - 1`` rows and a BN), a 1x1 expand (x4), three BNs and, where the shape
+    changes, a 1x1 projection and BN; then the classifier. GSA's span is each block's input size (the
+    preset's null)."""
     data, model = config.data, config.model
     stem_stride = {"cifar": 1, "stride2": 2}[model.stem.value]
     width, size = model.width, (data.img_size - 1) // stem_stride + 1
