@@ -48,9 +48,9 @@ class SpanWarning(GsaWarning):
     runs only; not for modules whose span a config set small on purpose (``model.span``)."""
 
     @classmethod
-    def check(cls, span: int, size: int, *, enabled: bool = True) -> None:
-        """Warn if a map side of ``size`` pixels is beyond a GSA module's ``span`` (and ``enabled``)."""
-        if enabled and size > span:
+    def check(cls, span: int, size: int) -> None:
+        """Warn if a map side of ``size`` pixels is beyond a GSA module's ``span``."""
+        if size > span:
             message = (
                 f"a GSA module of span {span} sees {size}-pixel maps: its positional attention is not "
                 "global; give the net the image size it was built for, or build it for this size"

@@ -181,7 +181,8 @@ class GlobalSelfAttention2d(nn.Module):
             return relative_index(size, self.span, device=device)
         key = (size, device)
         if key not in self._index_cache:
-            SpanWarning.check(self.span, size, enabled=self.warn_beyond_span)  # once per size, eager
+            if self.warn_beyond_span:  # once per module and size, in eager runs
+                SpanWarning.check(self.span, size)
             # A normal tensor even when first built under inference_mode, so autograd may use it later.
             with torch.inference_mode(False):
                 self._index_cache[key] = relative_index(size, self.span, device=device)

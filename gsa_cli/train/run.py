@@ -292,8 +292,8 @@ class _Run:
         """Continue where ``checkpoint`` left off: weights, recipe state, progress, random state."""
         trainer, world = self.trainer, self.world
         load_weights(self.model, checkpoint.model, self.run_dir.last, "model")
-        for key, part in (("optimizer", trainer.optimizer), ("scheduler", trainer.scheduler)):
-            load_state(part, getattr(checkpoint, key), self.run_dir.last, key)
+        load_state(trainer.optimizer, checkpoint.optimizer, self.run_dir.last, "optimizer")
+        load_state(trainer.scheduler, checkpoint.scheduler, self.run_dir.last, "scheduler")
         load_state(trainer.scaler, checkpoint.scaler, self.run_dir.last, "scaler")
         if self.ema is not None:
             if checkpoint.ema is None:
