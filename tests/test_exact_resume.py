@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from gsa_cli import load_preset
 from gsa_cli.config import Config
 from gsa_cli.results import RunDir
 from gsa_cli.train.checkpoint import Checkpoint
+from gsa_cli.train.distributed import end_worker
 from gsa_cli.train.loop import TrainingStoppedError
 from gsa_cli.train.run import TrainOptions, train
 
@@ -120,15 +122,19 @@ def _rank(rank: int, port: int, preset: str | None, out: str, resume: bool, stop
             os.kill(os.getpid(), signal.SIGTERM)
 
     reporter = Quiet(at_update=interrupt if stop_at is not None else None)
-    if resume:
-        options = TrainOptions(resume=Path(out), device="cpu")
-        train(None, options, reporter=reporter)
-        return
-    assert preset is not None
-    try:
-        train(load_preset(preset), TrainOptions(out=Path(out), device="cpu"), reporter=reporter)
+    code = 0
+    try:  # each rank ends as a torchrun worker of `gsa` does (end_worker says why)
+        if resume:
+            train(None, TrainOptions(resume=Path(out), device="cpu"), reporter=reporter)
+        else:
+            assert preset is not None
+            train(load_preset(preset), TrainOptions(out=Path(out), device="cpu"), reporter=reporter)
     except TrainingStoppedError:
-        os._exit(143)
+        code = 143
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    end_worker(code)
 
 
 def _free_port() -> int:

@@ -10,10 +10,8 @@ the library when they run, so that ``gsa --help`` and ``gsa compare RUN_DIR...``
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
-import threading
 import traceback
 import warnings
 from typing import Any, NoReturn
@@ -167,15 +165,8 @@ def _data_parallel_worker() -> bool:
 
 
 def _run_and_exit_as_worker() -> NoReturn:
-    """Run the command, then end the process the way :mod:`multiprocessing` ends its children: other
-    threads joined, exit handlers run and streams flushed, then ``os._exit`` with the command's exit code.
-
-    Python's own finalisation is skipped on purpose. gloo's worker threads outlive
-    ``destroy_process_group`` (DDP's reducer keeps the group alive) and may still be letting go of the
-    last collective, whose tensors need the interpreter to be freed; during finalisation the
-    interpreter ends such a thread and the process aborts ("terminate called without an active
-    exception": one stopped two-process run in about 15 on the 2-core CPU, from a core dump).
-    """
+    """Run the command, then end the process as :func:`gsa_cli.train.distributed.end_worker` does (why:
+    there), with the command's exit code."""
     code = 0
     try:
         app()
@@ -184,13 +175,9 @@ def _run_and_exit_as_worker() -> NoReturn:
     except BaseException:  # what Python would print for an uncaught error, then its exit status
         traceback.print_exc()
         code = 1
-    for thread in threading.enumerate():  # what the interpreter waits for before its exit handlers
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    from gsa_cli.train.distributed import end_worker  # torch is loaded by now; not before the command
+
+    end_worker(code)
 
 
 def _exit_status(code: object) -> int:
