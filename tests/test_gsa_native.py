@@ -473,8 +473,9 @@ def test_two_processes_build_at_once_into_an_empty_cache(tmp_path: Path) -> None
 def test_the_wheel_ships_the_source() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    relative = gsa_native.SOURCE.relative_to(ROOT / "gsa_cli" / "models").as_posix()
-    assert any(fnmatch(relative, pattern) for pattern in package_data["gsa_cli.models"])
+    for path in (*gsa_native.SOURCES, *gsa_native.HEADERS):
+        relative = path.relative_to(ROOT / "gsa_cli" / "models").as_posix()
+        assert any(fnmatch(relative, pattern) for pattern in package_data["gsa_cli.models"]), relative
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ and dense-attention modules is counted:
   branch, custom autograd functions that fvcore sees as one ``prim::PythonOp`` each
   (``N * L * (d_k + d_v)`` for a pass along an axis of length ``L``; ``2 N d_k d_v / h`` for the
   content branch, plus its softmaxes), keyed on the names :mod:`gsa_cli.models.gsa_kernels` exports,
-  and the native kernel's custom operator (``gsa::axial_attention``, :mod:`gsa_cli.models.gsa_native`)
-  at the same count (``FlopCounterMode`` counts it by the formula that module registers).
+  and the native kernel's custom operators (``gsa::axial_attention``, :mod:`gsa_cli.models.gsa_native`;
+  ``gsa::content_attention``, :mod:`gsa_cli.models.gsa_native_content`) at the same counts
+  (``FlopCounterMode`` counts them by the formulas those modules register).
   The module's reference implementation (plain einsums and softmaxes) counts the same totals, under
   ``einsum`` and ``softmax``.
 * **Per-element costs** (fvcore's conventions where it has one), also in the MAC total:
@@ -50,6 +51,7 @@ from gsa_cli.choices import MacCounter
 from gsa_cli.errors import GsaError
 from gsa_cli.models.gsa_kernels import AXIAL_FUNCTION, CONTENT_FUNCTION
 from gsa_cli.models.gsa_native import AXIAL_OP
+from gsa_cli.models.gsa_native_content import CONTENT_OP
 from gsa_cli.runtime import module_mode
 
 # Operator names as reported in MacCount.by_operator (fvcore's simplified names: "aten::" dropped).
@@ -243,10 +245,18 @@ def _content_attention_macs(inputs: list[Any], outputs: list[Any]) -> Counter[st
     its product with the queries ``B h c d N``; the softmax of the keys over positions (and of the
     queries over channels with ``query_softmax``) at :data:`SOFTMAX_COST` per element.
     """
+    # The traced PythonOp keeps its non-tensor argument (query_softmax) as a scalar, not an input.
+    return _content_counts(inputs, query_softmax=bool(outputs[0].node().scalar_args()[0]))
+
+
+def _native_content_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """The native content operator: the same inputs, never a query softmax."""
+    return _content_counts(inputs, query_softmax=False)
+
+
+def _content_counts(inputs: list[Any], *, query_softmax: bool) -> Counter[str]:
     batch, heads, keys, positions = _known_shape(inputs[0], "content attention")
     values = _known_shape(inputs[2], "content attention")[2]
-    # The traced PythonOp keeps its non-tensor argument (query_softmax) as a scalar, not an input.
-    query_softmax = bool(outputs[0].node().scalar_args()[0])
     softmaxes = 2 if query_softmax else 1
     return Counter(
         {
@@ -315,6 +325,7 @@ FVCORE_HANDLES: dict[str, Handle] = {
     f"prim::PythonOp.{AXIAL_FUNCTION}": _axial_attention_macs,
     AXIAL_OP: _axial_attention_macs,  # the native kernel's operator: the same inputs
     f"prim::PythonOp.{CONTENT_FUNCTION}": _content_attention_macs,
+    CONTENT_OP: _native_content_macs,
     "aten::softmax": _softmax_cost,
     "aten::log_softmax": _softmax_cost,
     "aten::avg_pool2d": _avg_pool2d_cost,

@@ -8,12 +8,12 @@ row), written as plain einsums, :func:`content_attention` and :func:`axial_atten
 Implementations (the ``implementation`` keyword) are equivalent: tests hold them equal in float64,
 forward and backward. ``"reference"`` runs the einsums below, autograd keeping the logits; ``"gemm"``
 (:mod:`gsa_cli.models.gsa_kernels`) runs batched GEMMs that never store the logits; ``"native"``
-(:mod:`gsa_cli.models.gsa_native`) runs the axial passes as one fused C++ kernel on the CPU, built on
-first use (gemm where it cannot run); ``"auto"`` (default) picks the fastest for the device: native
-on the CPU where it builds, gemm elsewhere (with one warning line saying why). gemm's forward+backward time
-and peak memory as a fraction of the reference's (``benchmarks/README.md``, rows ``gsa`` against
-``einsum``; 2-core AMD EPYC VM, fp32, batch 8): 56x56x64 0.35 and 0.26, 28x28x128 0.79 and 0.46,
-14x14x256 0.85 and 0.57, 7x7x512 0.82-1.09 and 0.71. No GPU comparison is recorded yet.
+(:mod:`gsa_cli.models.gsa_native`) runs each axial pass, and the content branch, as one fused C++ kernel
+on the CPU, built on first use (gemm where it cannot run); ``"auto"`` (default) picks the fastest for the
+device: native on the CPU where it builds, gemm elsewhere (with one warning line saying why). gemm's
+forward+backward time and peak memory as a fraction of the reference's (``benchmarks/README.md``, rows
+``gsa`` against ``einsum``; 2-core AMD EPYC VM, fp32, batch 8): 56x56x64 0.35 and 0.26, 28x28x128 0.79
+and 0.46, 14x14x256 0.85 and 0.57, 7x7x512 0.82-1.09 and 0.71. No GPU comparison is recorded yet.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from gsa_cli.errors import SpanWarning
 from gsa_cli.models.gsa_kernels import axial_attention_gemm, content_attention_gemm
 from gsa_cli.models.gsa_native import axial_attention_auto, axial_attention_native
+from gsa_cli.models.gsa_native_content import content_attention_auto, content_attention_native
 
 Axis = Literal["height", "width"]  # the image axis an axial pass attends along: a column, or a row
 Implementation = Literal["auto", "reference", "gemm", "native"]
@@ -83,9 +84,9 @@ def axial_attention(queries: Tensor, values: Tensor, pairs: Tensor, *, axis: Axi
 
 
 # Each branch's implementations by name; "auto" is the fastest on every device measured (see the note).
-CONTENT = {"reference": content_attention, "gemm": content_attention_gemm, "native": content_attention_gemm}
+CONTENT = {"reference": content_attention, "gemm": content_attention_gemm, "native": content_attention_native}
 AXIAL = {"reference": axial_attention, "gemm": axial_attention_gemm, "native": axial_attention_native}
-CONTENT["auto"], AXIAL["auto"] = CONTENT["gemm"], axial_attention_auto  # native on the CPU, else gemm
+CONTENT["auto"], AXIAL["auto"] = content_attention_auto, axial_attention_auto  # native on the CPU, else gemm
 
 
 class GlobalSelfAttention2d(nn.Module):

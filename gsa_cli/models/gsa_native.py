@@ -1,4 +1,5 @@
-"""GSA's native implementation: the axial pass as one fused C++ kernel (``csrc/axial.cpp``), built once.
+"""GSA's native implementation: the axial pass as one fused C++ kernel (``csrc/axial.cpp``), built once
+(with the content branch's, ``csrc/content.cpp``: :mod:`gsa_cli.models.gsa_native_content`).
 
 :func:`axial_attention_native` has the signature of :func:`gsa_cli.models.gsa.axial_attention` and computes
 the same thing (tests hold them equal in float64, forward and backward). Where the batched GEMMs of
@@ -6,7 +7,6 @@ the same thing (tests hold them equal in float64, forward and backward). Where t
 the logits of a few queries at a time in cache and consumes them at once (backward forms them again),
 vectorised over the lines of the map. It runs on the CPU in float32 (float64 inputs in float64;
 bfloat16 and float16 inputs, as autocast makes them, computed in float32 and returned in their dtype).
-The content branch stays on the batched GEMMs: it is a few small matrix products per head already.
 
 The pass is one ``torch.library`` custom op, ``gsa::axial_attention`` (:data:`AXIAL_OP`), with a fake
 implementation and an autograd formula whose backward is a second op, ``gsa::axial_attention_backward``:
@@ -16,7 +16,7 @@ registered here). A backward run with ``create_graph`` (a gradient penalty) goes
 through the gemm implementation's backward, which is itself differentiable.
 
 Building: ``torch.utils.cpp_extension`` (a C++ compiler and ninja, what any PyTorch extension needs)
-compiles the source once into a cache folder, ``$GSA_KERNEL_CACHE``, else ``$TORCH_EXTENSIONS_DIR/gsa_cli``,
+compiles the sources once into a cache folder, ``$GSA_KERNEL_CACHE``, else ``$TORCH_EXTENSIONS_DIR/gsa_cli``,
 else ``$XDG_CACHE_HOME/gsa_cli/kernels`` (``~/.cache``), one sub-folder per source, flags, torch, Python,
 machine and compiler. A build holds an exclusive lock (``flock``, released by the system if its process
 dies) and is marked finished by ``build.json``: concurrent first builds (the workers of a distributed
@@ -62,7 +62,9 @@ if TYPE_CHECKING:
 
     from gsa_cli.models.gsa import Axis
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "axial.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "axial.cpp", CSRC / "content.cpp")  # compiled into one library
+HEADERS = (CSRC / "simd.h",)
 LIBRARY = "gsa_native_axial"  # the shared library's name; its operators are torch.ops.gsa_native.*
 # -ffp-contract=fast lets the compiler fuse a * b + c into one FMA: GCC leaves it off under the ISO
 # -std= that torch passes. No -march=native: csrc/axial.cpp picks its instruction set at run time.
@@ -121,8 +123,8 @@ def openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
 def build_directory() -> Path:
     """This build's folder: named by torch, Python and a hash of everything that changes the library."""
     key = hashlib.sha256()
-    parts = (
-        SOURCE.read_bytes(),
+    parts: tuple[bytes | str, ...] = (
+        *(path.read_bytes() for path in (*SOURCES, *HEADERS)),
         " ".join((*CFLAGS, *openmp_flags()[0], *openmp_flags()[1])),
         torch.__version__,
         sys.version,
@@ -194,7 +196,7 @@ def _compile(directory: Path) -> None:
             warnings.simplefilter("ignore")  # compiler-version notes: a failure raises with the output
             load(
                 name=LIBRARY,
-                sources=[str(SOURCE)],
+                sources=[str(path) for path in SOURCES],
                 extra_cflags=[*CFLAGS, *openmp_flags()[0]],
                 extra_ldflags=list(openmp_flags()[1]),
                 build_directory=str(directory),
@@ -323,7 +325,8 @@ def build() -> KernelState:
 # The operators.
 
 
-def _loaded() -> None:
+def loaded_or_raise() -> None:
+    """Load the kernel (building it first where needed), or raise a GsaError saying why it cannot."""
     error = native_error()
     if error is not None:
         raise GsaError(f"the native GSA kernel is not built: {error}")
@@ -333,7 +336,7 @@ def _loaded() -> None:
 def axial_attention_op(queries: Tensor, values: Tensor, pairs: Tensor, dim: int) -> Tensor:
     """One axial pass along the map dimension ``dim`` (3: the column pass, 4: the row pass) with the
     shapes of :func:`gsa_cli.models.gsa.axial_attention`; ``(B, h, c, H, W)`` in the queries' dtype."""
-    _loaded()
+    loaded_or_raise()
     out: Tensor = torch.ops.gsa_native.axial_forward(queries, values, pairs, dim, requested_isa())
     return out
 
@@ -357,7 +360,7 @@ def axial_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of :func:`axial_attention_op`'s queries, values and pairs (empty where not needed),
     each in its input's dtype; the logits formed again."""
-    _loaded()
+    loaded_or_raise()
     needs = (need_queries, need_values, need_pairs)
     grads = torch.ops.gsa_native.axial_backward(grad, queries, values, pairs, dim, *needs, requested_isa())
     return grads[0], grads[1], grads[2]
@@ -457,12 +460,12 @@ def _refusal_now(device_type: str, asked: str) -> str | None:
 
 
 # Decided outside the traced graph: torch.compile and torch.export take the answer as a constant.
-_refusal: Callable[[str, str], str | None] = torch.compiler.assume_constant_result(_refusal_now)
+refusal: Callable[[str, str], str | None] = torch.compiler.assume_constant_result(_refusal_now)
 
 
 def implementation_that_runs(implementation: str, device: torch.device | str) -> str:
     """What a GSA module set to ``implementation`` runs on ``device``: ``reference``, ``gemm`` or
-    ``native`` (the axial passes fused; the content branch on GEMMs). Builds the kernel if needed."""
+    ``native`` (the axial passes and the content branch fused). Builds the kernel if needed."""
     if implementation not in ("auto", "native"):
         return implementation
     if torch.device(device).type != "cpu" or native_error() is not None:
@@ -482,7 +485,7 @@ def model_implementation(model: nn.Module, device: torch.device | str) -> str | 
 def axial_attention_native(queries: Tensor, values: Tensor, pairs: Tensor, *, axis: Axis) -> Tensor:
     """:func:`gsa_cli.models.gsa.axial_attention` as the fused kernel; as gemm, saying why once, where it
     cannot run."""
-    if _refusal(queries.device.type, "native") is not None:
+    if refusal(queries.device.type, "native") is not None:
         return axial_attention_gemm(queries, values, pairs, axis=axis)
     out: Tensor = torch.ops.gsa.axial_attention(queries, values, pairs, MAP_DIMS[axis])
     return out
@@ -491,7 +494,7 @@ def axial_attention_native(queries: Tensor, values: Tensor, pairs: Tensor, *, ax
 def axial_attention_auto(queries: Tensor, values: Tensor, pairs: Tensor, *, axis: Axis) -> Tensor:
     """The fastest axial pass for the device: the fused kernel on the CPU, gemm elsewhere (and where the
     kernel does not build, saying why once)."""
-    if _refusal(queries.device.type, "auto") is not None:
+    if refusal(queries.device.type, "auto") is not None:
         return axial_attention_gemm(queries, values, pairs, axis=axis)
     out: Tensor = torch.ops.gsa.axial_attention(queries, values, pairs, MAP_DIMS[axis])
     return out

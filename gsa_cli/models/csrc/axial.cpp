@@ -45,46 +45,11 @@
 #include <string>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-#define GSA_INLINE inline __attribute__((always_inline))
-
-#if defined(__x86_64__) || defined(__i386__)
-#define GSA_X86 1
-#define GSA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
-#define GSA_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define GSA_X86 0
-#endif
-
-// GCC/Clang vector types: element-wise arithmetic, a scalar operand broadcast. may_alias, as the
-// intrinsics' own types, since the buffers are typed as scalars.
-template <typename T, int Bytes>
-struct VecType;
-template <>
-struct VecType<float, 16> {
-  typedef float type __attribute__((vector_size(16), may_alias));
-};
-template <>
-struct VecType<float, 32> {
-  typedef float type __attribute__((vector_size(32), may_alias));
-};
-template <>
-struct VecType<float, 64> {
-  typedef float type __attribute__((vector_size(64), may_alias));
-};
-template <>
-struct VecType<double, 16> {
-  typedef double type __attribute__((vector_size(16), may_alias));
-};
-template <>
-struct VecType<double, 32> {
-  typedef double type __attribute__((vector_size(32), may_alias));
-};
-template <>
-struct VecType<double, 64> {
-  typedef double type __attribute__((vector_size(64), may_alias));
-};
+using namespace gsa_simd;
 
 constexpr int QB = 4;  // queries per block: their logits stay in cache between two products
 
@@ -113,29 +78,6 @@ using Baseline = Config<T, 16, 16, 2, 2, 8>;
 
 constexpr int MAX_LANES = 16;  // float in 64-byte vectors
 
-template <class V, typename T>
-GSA_INLINE V load(const T* p) {
-  return *reinterpret_cast<const V*>(p);
-}
-
-template <class V, typename T>
-GSA_INLINE void store(T* p, V v) {
-  *reinterpret_cast<V*>(p) = v;
-}
-
-// A 64-byte aligned scratch buffer.
-template <typename T>
-struct Buffer {
-  T* data = nullptr;
-  explicit Buffer(int64_t n) {
-    size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
-    data = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (data == nullptr) throw std::bad_alloc();
-  }
-  ~Buffer() { std::free(data); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
 
 // The sizes of one call. Positions are padded to Apad (a multiple of QB) along the query axis.
 struct Geometry {
@@ -580,29 +522,6 @@ GSA_VARIANT(avx2, Avx2, GSA_TARGET_AVX2)
 GSA_VARIANT(avx512, Avx512, GSA_TARGET_AVX512)
 #endif
 
-enum class Isa { baseline, avx2, avx512 };
-
-// The best variant this CPU runs, at most `requested` ("avx512", "avx2" or anything else: baseline).
-Isa pick_isa(const std::string& requested) {
-#if GSA_X86
-  __builtin_cpu_init();
-  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  if (requested == "avx512" && avx512) return Isa::avx512;
-  if ((requested == "avx512" || requested == "avx2") && avx2) return Isa::avx2;
-#else
-  (void)requested;
-#endif
-  return Isa::baseline;
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    default: return "baseline";
-  }
-}
 
 // Lanes per tile (the lane vector's width), and the table gradient's vector width, as in the Configs.
 int lanes_of(Isa isa, bool is_double) {

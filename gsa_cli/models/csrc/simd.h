@@ -1,0 +1,100 @@
+// What both kernels of this folder share: SIMD vector types, aligned buffers, and the choice of an
+// instruction set at run time (axial.cpp says how the variants are built).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <string>
+
+namespace gsa_simd {
+
+#define GSA_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) || defined(__i386__)
+#define GSA_X86 1
+#define GSA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define GSA_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define GSA_X86 0
+#endif
+
+// GCC/Clang vector types: element-wise arithmetic, a scalar operand broadcast. may_alias, as the
+// intrinsics' own types, since the buffers are typed as scalars.
+template <typename T, int Bytes>
+struct VecType;
+template <>
+struct VecType<float, 16> {
+  typedef float type __attribute__((vector_size(16), may_alias));
+};
+template <>
+struct VecType<float, 32> {
+  typedef float type __attribute__((vector_size(32), may_alias));
+};
+template <>
+struct VecType<float, 64> {
+  typedef float type __attribute__((vector_size(64), may_alias));
+};
+template <>
+struct VecType<double, 16> {
+  typedef double type __attribute__((vector_size(16), may_alias));
+};
+template <>
+struct VecType<double, 32> {
+  typedef double type __attribute__((vector_size(32), may_alias));
+};
+template <>
+struct VecType<double, 64> {
+  typedef double type __attribute__((vector_size(64), may_alias));
+};
+
+template <class V, typename T>
+GSA_INLINE V load(const T* p) {
+  return *reinterpret_cast<const V*>(p);
+}
+
+template <class V, typename T>
+GSA_INLINE void store(T* p, V v) {
+  *reinterpret_cast<V*>(p) = v;
+}
+
+// A 64-byte aligned scratch buffer.
+template <typename T>
+struct Buffer {
+  T* data = nullptr;
+  explicit Buffer(int64_t n) {
+    size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (data == nullptr) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+enum class Isa { baseline, avx2, avx512 };
+
+// The best variant this CPU runs, at most `requested` ("avx512", "avx2" or anything else: baseline).
+inline Isa pick_isa(const std::string& requested) {
+#if GSA_X86
+  __builtin_cpu_init();
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  if (requested == "avx512" && avx512) return Isa::avx512;
+  if ((requested == "avx512" || requested == "avx2") && avx2) return Isa::avx2;
+#else
+  (void)requested;
+#endif
+  return Isa::baseline;
+}
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+}  // namespace gsa_simd
