@@ -4,8 +4,8 @@ Issue 14's acceptance benchmark. At each stage shape of GSA-ResNet-50 at 224 px 
 14x14x256, 7x7x512), batch 8, 8 heads, float32 on the CPU, the implementations are timed **interleaved
 in one process** (a drift of the machine's speed falls on all of them alike):
 
-- ``native``: ``GlobalSelfAttention2d(implementation="native")``, the axial passes as the fused C++
-  kernel of ``gsa_cli/models/csrc/axial.cpp`` (the content branch on batched GEMMs);
+- ``native``: ``GlobalSelfAttention2d(implementation="native")``: each axial pass and the content branch
+  as the fused C++ kernels of ``gsa_cli/models/csrc/axial.cpp`` and ``content.cpp``;
 - ``gemm``: the batched-GEMM implementation of ``gsa_cli/models/gsa_kernels.py`` (issue 6's module);
 - ``einsum``: the reference, ``implementation="reference"``: plain einsums, autograd keeping the logits
   (the baseline of the targets);

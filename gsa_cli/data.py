@@ -33,7 +33,6 @@ No loader's ``iter()`` draws from torch's global generator (each has its own).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.transforms import v2
 
 from gsa_cli.choices import OnCorrupt as OnCorrupt  # re-exported: the enum lives in choices.py
 from gsa_cli.cifar import CIFAR_LAYOUT, read_cifar100
@@ -54,24 +52,18 @@ from gsa_cli.errors import ConfigError
 from gsa_cli.errors import DataError as DataError  # re-exported: its old home
 from gsa_cli.fashion import FASHION_LAYOUT, read_fashion_mnist
 from gsa_cli.fashion import default_root as fashion_default_root
+from gsa_cli.transforms import EVAL_CROP_RATIO as EVAL_CROP_RATIO  # re-exported: their old home
+from gsa_cli.transforms import NATIVE_SIZE as NATIVE_SIZE
+from gsa_cli.transforms import NORMALIZATION as NORMALIZATION
+from gsa_cli.transforms import eval_transform as eval_transform
+from gsa_cli.transforms import train_transform as train_transform
 
 DATA_ENV = "GSA_DATA"  # the data folder when --data is not given
 
-# Per-channel mean and std of each data set's training images, in [0, 1].
-NORMALIZATION: dict[DatasetKind, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    DatasetKind.IMAGENET: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    DatasetKind.CIFAR100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    DatasetKind.DIGITS: ((0.305,), (0.376,)),
-    DatasetKind.FASHION_MNIST: ((0.2860,), (0.3530,)),  # of the 60,000 training images
-    DatasetKind.SYNTHETIC: ((0.5,), (0.25,)),
-    DatasetKind.LONGRANGE: ((0.0,), (1.0,)),  # generated as floats around 0 already
-}
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 SYNTHETIC_SEED = 1234
 LONGRANGE_SEEDS = (0, 1000)  # training and validation sets
-NATIVE_SIZE = {DatasetKind.CIFAR100: 32, DatasetKind.FASHION_MNIST: 28}  # resized to evaluate at others
-EVAL_CROP_RATIO = 0.875  # ImageNet: resize to img_size / 0.875, then centre-crop img_size
 
 IMAGENET_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder)"
 
@@ -145,44 +137,6 @@ class CorruptFiles:
                 self.skipped.add(sample.path)
                 self.warn(f"skipping unreadable image {sample.path} ({sample.reason})")
         return batch.images.numel() > 0
-
-
-# ---------------------------------------------------------------------------------------------------
-# Transforms.
-
-
-def _normalize(kind: DatasetKind) -> list[Any]:
-    mean, std = NORMALIZATION[kind]
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
-def train_transform(data: DataConfig, *, randaugment: bool) -> v2.Compose:
-    """Augmentation for training images of ``data.img_size``."""
-    size = data.img_size
-    steps: list[Any] = [v2.ToImage()]
-    if data.dataset is DatasetKind.IMAGENET:
-        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-    elif data.dataset is DatasetKind.CIFAR100:
-        steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
-    elif data.dataset is DatasetKind.DIGITS:
-        steps += [v2.RandomCrop(size, padding=max(1, size // 8))]  # no flip: digits are not symmetric
-    elif data.dataset is DatasetKind.FASHION_MNIST:
-        resize = [v2.Resize(size, antialias=True)] if size != NATIVE_SIZE[data.dataset] else []
-        steps += [*resize, v2.RandomCrop(size, padding=2), v2.RandomHorizontalFlip()]
-    if randaugment:
-        steps.append(v2.RandAugment())
-    return v2.Compose(steps + _normalize(data.dataset))
-
-
-def eval_transform(data: DataConfig) -> v2.Compose:
-    """The deterministic transform for validation images."""
-    steps: list[Any] = [v2.ToImage()]
-    if data.dataset is DatasetKind.IMAGENET:
-        resize = math.floor(data.img_size / EVAL_CROP_RATIO)
-        steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(data.img_size)]
-    elif data.img_size != NATIVE_SIZE.get(data.dataset, data.img_size):  # stored at another size
-        steps += [v2.Resize(data.img_size, antialias=True)]
-    return v2.Compose(steps + _normalize(data.dataset))
 
 
 class TensorImages(Dataset[tuple[Any, int]]):
