@@ -84,6 +84,7 @@ FOUNDATIONS: dict[str, tuple[str, ...]] = {
     "gsa_cli.longrange": ("gsa_cli.config",),
     "gsa_cli.cifar": ("gsa_cli.config", "gsa_cli.choices"),
     "gsa_cli.fashion": (),
+    "gsa_cli.transforms": ("gsa_cli.config",),
     "gsa_cli.presets": ("gsa_cli.config", "gsa_cli.longrange", "gsa_cli.yamlio"),
     "gsa_cli.data": (
         "gsa_cli.config",
@@ -91,6 +92,7 @@ FOUNDATIONS: dict[str, tuple[str, ...]] = {
         "gsa_cli.longrange",
         "gsa_cli.cifar",
         "gsa_cli.fashion",
+        "gsa_cli.transforms",
     ),
 }
 # Sideways reaches the layers' prefixes would allow but the layout forbids.
