@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from graph_helpers import compiled_call_targets
 
 from gsa_cli.models import gsa_native
 from gsa_cli.models.gsa import GlobalSelfAttention2d, content_attention
@@ -144,24 +145,6 @@ def test_the_query_softmax_ablation_runs_gemm() -> None:
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("query_softmax", [False, True])
-def test_module_equals_the_reference_forward_and_backward(query_softmax: bool) -> None:
-    torch.manual_seed(0)
-    settings: dict[str, object] = {"heads": 2, "span": 7, "positional": False, "query_softmax": query_softmax}
-    native = GlobalSelfAttention2d(4, 6, implementation="native", **settings).double()  # type: ignore[arg-type]
-    reference_module = GlobalSelfAttention2d(4, 6, implementation="reference", **settings).double()  # type: ignore[arg-type]
-    reference_module.load_state_dict(native.state_dict())
-    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
-    results = []
-    for module in (native, reference_module):
-        xi = x.clone().requires_grad_(True)
-        out = module(xi)
-        out.pow(2).sum().backward()
-        results.append([out, xi.grad, *(p.grad for p in module.parameters())])
-    for mine, theirs in zip(*results, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=1e-11, atol=1e-11)
-
-
 def test_calling_the_op_without_a_build_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gsa_native._Process, "library", None)
     monkeypatch.setattr(gsa_native._Process, "error", "content.cpp:1:10: fatal error: no compiler")
@@ -183,25 +166,11 @@ def test_where_the_kernel_failed_to_build_the_branch_runs_gemm(monkeypatch: pyte
 
 
 def test_compiled_graphs_and_exports_hold_the_op() -> None:
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs: list[torch.fx.GraphModule] = []
-
-    def keep(gm: torch.fx.GraphModule, inputs: object) -> object:
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
     torch.manual_seed(0)
     module = GlobalSelfAttention2d(4, 8, heads=2, span=6, implementation="native")
-    compiled = torch.compile(module, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
     x = torch.randn(2, 4, 5, 6)
-    out = compiled(x)
-    out.square().sum().backward()
+    out, forward, backward = compiled_call_targets(module, x)
     torch.testing.assert_close(out, module(x))
-    forward, backward = (
-        [str(node.target) for node in graph.graph.nodes if node.op == "call_function"] for graph in graphs
-    )
     assert forward.count("gsa.content_attention.default") == 1
     assert backward.count("gsa.content_attention_backward.default") == 1
     program = torch.export.export(module.eval(), (x,))

@@ -281,24 +281,14 @@ void unpack(const T* src, const Operand& o, int64_t b, int64_t h, int64_t channe
 
 template <typename T>
 PackFn<T> pack_for(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return pack<float, T>;
-    case at::kDouble: return pack<double, T>;
-    case at::kBFloat16: return pack<c10::BFloat16, T>;
-    case at::kHalf: return pack<c10::Half, T>;
-    default: TORCH_CHECK(false, "gsa native content attention: unsupported dtype ", type);
-  }
+  return visit_dtype(type, "gsa native content attention",
+                     [](auto* s) -> PackFn<T> { return pack<std::remove_pointer_t<decltype(s)>, T>; });
 }
 
 template <typename T>
 UnpackFn<T> unpack_for(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return unpack<float, T>;
-    case at::kDouble: return unpack<double, T>;
-    case at::kBFloat16: return unpack<c10::BFloat16, T>;
-    case at::kHalf: return unpack<c10::Half, T>;
-    default: TORCH_CHECK(false, "gsa native content attention: unsupported dtype ", type);
-  }
+  return visit_dtype(type, "gsa native content attention",
+                     [](auto* s) -> UnpackFn<T> { return unpack<std::remove_pointer_t<decltype(s)>, T>; });
 }
 
 struct Sizes {

@@ -2,6 +2,11 @@
 // instruction set at run time (axial.cpp says how the variants are built).
 #pragma once
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -94,6 +99,19 @@ inline const char* isa_name(Isa isa) {
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "baseline";
+  }
+}
+
+// visit((S*)nullptr) for the storage type S of `type` (float, double, bfloat16 or float16): how the
+// kernels pick the instantiation of a copy function for a tensor's dtype.
+template <class Visit>
+decltype(auto) visit_dtype(at::ScalarType type, const char* op, Visit&& visit) {
+  switch (type) {
+    case at::kFloat: return visit(static_cast<float*>(nullptr));
+    case at::kDouble: return visit(static_cast<double*>(nullptr));
+    case at::kBFloat16: return visit(static_cast<c10::BFloat16*>(nullptr));
+    case at::kHalf: return visit(static_cast<c10::Half*>(nullptr));
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", type);
   }
 }
 
