@@ -123,8 +123,7 @@ class TensorTransform:
 
     def __call__(self, image: Any) -> Any:
         if not (
-            isinstance(image, Tensor)
-            and type(image) is Tensor  # a tv_tensor goes the v2 way, as it would have
+            type(image) is Tensor  # a tv_tensor or a PIL image goes the v2 way, as it would have
             and image.dtype == torch.uint8
             and image.dim() == 3
             and image.shape[1:] == (self.size, self.size)

@@ -75,6 +75,12 @@ GSA_INLINE typename C::vec exp_float(typename C::vec x) {
   return y * reinterpret_cast<V&>(bits);
 }
 
+// n rounded up to whole vectors: a row's length in the buffers (its padding zero).
+template <class C>
+GSA_INLINE int64_t padded(int64_t n) {
+  return (n + C::VW - 1) / C::VW * C::VW;
+}
+
 template <class C>
 GSA_INLINE typename C::scalar hsum(typename C::vec v) {
   typename C::scalar sum = 0;
@@ -98,18 +104,14 @@ GSA_INLINE void softmax_rows(typename C::scalar* row, int64_t rows, int64_t N, i
     T top = -std::numeric_limits<T>::infinity();
     for (int l = 0; l < VW; ++l) top = std::max(top, tops[l]);
     for (int64_t n = whole; n < N; ++n) top = std::max(top, row[n]);
-    V sums = V{};
     if constexpr (std::is_same_v<T, float>) {
-      for (int64_t n = 0; n < Np; n += VW) {
-        V e = exp_float<C>(load<V>(row + n) - top);
-        store(row + n, e);
-      }
+      for (int64_t n = 0; n < Np; n += VW) store(row + n, exp_float<C>(load<V>(row + n) - top));
       for (int64_t n = N; n < Np; ++n) row[n] = T(0);
-      for (int64_t n = 0; n < Np; n += VW) sums += load<V>(row + n);
     } else {
       for (int64_t n = 0; n < N; ++n) row[n] = std::exp(row[n] - top);
-      for (int64_t n = 0; n < Np; n += VW) sums += load<V>(row + n);
     }
+    V sums = V{};
+    for (int64_t n = 0; n < Np; n += VW) sums += load<V>(row + n);
     const T scale = T(1) / hsum<C>(sums);
     for (int64_t n = 0; n < Np; n += VW) store(row + n, load<V>(row + n) * scale);
   }
@@ -171,7 +173,7 @@ GSA_INLINE void dot_rows(const typename C::scalar* a, int64_t na, const typename
                          int64_t N, int64_t Np, typename C::scalar* bt, typename C::scalar* out) {
   using T = typename C::scalar;
   if (transposes<C>(Np)) {
-    const int64_t nbp = (nb + C::VW - 1) / C::VW * C::VW, vectors = nbp / C::VW;
+    const int64_t nbp = padded<C>(nb), vectors = nbp / C::VW;
     for (int64_t n = 0; n < N; ++n) {
       T* row = bt + n * nbp;
       for (int64_t j = 0; j < nb; ++j) row[j] = b[j * Np + n];
@@ -304,16 +306,11 @@ struct Args {
   UnpackFn<T> unpack_out, unpack_grad_queries, unpack_grad_keys, unpack_grad_values;
 };
 
-template <class C>
-int64_t padded(int64_t N) {
-  return (N + C::VW - 1) / C::VW * C::VW;
-}
-
 // The transposed rows dot_rows needs (the values', or the gradient's: c of them), where it transposes.
 template <class C>
 int64_t transposed_size(const Sizes& s) {
   const int64_t Np = padded<C>(s.N);
-  return transposes<C>(Np) ? Np * ((s.c + C::VW - 1) / C::VW * C::VW) : 0;
+  return transposes<C>(Np) ? Np * padded<C>(s.c) : 0;
 }
 
 template <class C>
