@@ -37,6 +37,8 @@ SHAPES = {
     "one head, batch 1, global": (1, 1, 8, 8, 9, 4, 9),
     "channels past a register tile": (3, 2, 5, 6, 7, 7, 7),
     "many lines, a short axis": (2, 1, 16, 4, 3, 37, 2),
+    # Axes of 24 and more are copied by vectors (runs of lanes, blocks transposed in registers).
+    "long axes, copied by vectors": (2, 2, 3, 4, 35, 26, 30),
 }
 
 
@@ -132,8 +134,11 @@ def test_op_passes_gradcheck_and_gradgradcheck(dim: int) -> None:
 
 @pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("dim", [HEIGHT, WIDTH], ids=["column pass", "row pass"])
-def test_float32_is_within_tolerance_of_float64(dim: int) -> None:
-    queries, values, pairs = pass_inputs((3, 2, 8, 8, 13, 11, 13), dim)
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 8, 8, 13, 11, 13), (2, 2, 8, 4, 40, 35, 40)], ids=["short axes", "long axes"]
+)
+def test_float32_is_within_tolerance_of_float64(dim: int, shape: tuple[int, ...]) -> None:
+    queries, values, pairs = pass_inputs(shape, dim)
     grad = torch.randn(values.shape, dtype=torch.float64)
     expected = reference(queries, values, pairs, dim, grad)
     single = [t.float() for t in (queries, values, pairs)]

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "axial.cpp", CSRC / "content.cpp")  # compiled into one library
-HEADERS = (CSRC / "simd.h",)
+HEADERS = (CSRC / "simd.h", CSRC / "axial_copies.h")
 LIBRARY = "gsa_native_axial"  # the shared library's name; its operators are torch.ops.gsa_native.*
 # -ffp-contract=fast lets the compiler fuse a * b + c into one FMA: GCC leaves it off under the ISO
 # -std= that torch passes. No -march=native: csrc/axial.cpp picks its instruction set at run time.

@@ -46,11 +46,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "axial_copies.h"
 #include "simd.h"
 
 namespace {
 
 using namespace gsa_simd;
+using namespace gsa_axial;
 
 constexpr int QB = 4;  // queries per block: their logits stay in cache between two products
 
@@ -76,144 +78,6 @@ template <typename T>
 using Avx2 = Config<T, 32, 32, 2, 2, 8>;
 template <typename T>
 using Baseline = Config<T, 16, 16, 2, 2, 8>;
-
-constexpr int MAX_LANES = 16;  // float in 64-byte vectors
-
-
-// The sizes of one call. Positions are padded to Apad (a multiple of QB) along the query axis.
-struct Geometry {
-  int64_t batch, heads, d, c, A, O, Apad, M, lanes, tiles, dpad;
-};
-
-// A (B, h, channels, H, W) tensor as one pass sees it: strides of its batch, head, channel, attended
-// position and line (the other axis).
-struct View {
-  void* data;
-  int64_t batch, head, channel, pos, line;
-};
-
-View view_of(const at::Tensor& t, int64_t dim) {
-  int64_t other = dim == 3 ? 4 : 3;
-  return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(dim),
-          t.stride(other)};
-}
-
-// The lines of one tile: batch index and position on the other axis of each lane.
-struct Lanes {
-  int n = 0;
-  int64_t b[MAX_LANES];
-  int64_t o[MAX_LANES];
-};
-
-void tile_lanes(const Geometry& g, int64_t tile, int lanes_per_tile, Lanes& lanes) {
-  lanes.n = 0;
-  for (int l = 0; l < lanes_per_tile; ++l) {
-    int64_t m = tile * lanes_per_tile + l;
-    if (m >= g.M) break;
-    lanes.b[l] = m / g.O;
-    lanes.o[l] = m % g.O;
-    lanes.n = l + 1;
-  }
-}
-
-// Copies between a strided tensor (any floating dtype S) and a lane-major buffer [channel][Apad][VW]
-// of the compute type T; lanes past the tile's lines and positions past A are zero.
-template <typename T>
-using PackFn = void (*)(const View&, int64_t, const Lanes&, int, int64_t, const Geometry&, T*);
-template <typename T>
-using UnpackFn = void (*)(const T*, const View&, int64_t, const Lanes&, int, int64_t, const Geometry&);
-
-// A tile's lanes as runs of lanes whose elements are adjacent in memory: on a column pass the lanes
-// are a row of one image (unit stride), copied as blocks the compiler vectorises; on a row pass they
-// are a map row apart, runs of one.
-struct Runs {
-  int n = 0;
-  int first[MAX_LANES];       // the run's first lane
-  int length[MAX_LANES];      // its lanes
-  int64_t offset[MAX_LANES];  // the element of its first lane, from the head's origin
-};
-
-Runs runs_of(const View& v, const Lanes& lanes) {
-  Runs runs;
-  for (int l = 0; l < lanes.n; ++l) {
-    int64_t offset = lanes.b[l] * v.batch + lanes.o[l] * v.line;
-    int last = runs.n - 1;
-    if (last >= 0 && v.line == 1 && offset == runs.offset[last] + runs.length[last]) {
-      ++runs.length[last];
-      continue;
-    }
-    runs.first[runs.n] = l;
-    runs.length[runs.n] = 1;
-    runs.offset[runs.n] = offset;
-    ++runs.n;
-  }
-  return runs;
-}
-
-template <typename S, typename T>
-void pack(const View& v, int64_t head, const Lanes& lanes, int vw, int64_t channels, const Geometry& g,
-          T* dst) {
-  const S* base = static_cast<const S*>(v.data) + head * v.head;
-  const Runs runs = runs_of(v, lanes);
-  for (int64_t ch = 0; ch < channels; ++ch) {
-    const S* plane = base + ch * v.channel;
-    T* rows = dst + ch * g.Apad * vw;
-    if (runs.n == lanes.n) {
-      // No two lanes adjacent (a row pass): lane by lane, reading along its positions.
-      for (int l = 0; l < lanes.n; ++l) {
-        const S* from = plane + runs.offset[l];
-        for (int64_t a = 0; a < g.A; ++a) rows[a * vw + l] = static_cast<T>(from[a * v.pos]);
-      }
-    } else {
-      for (int64_t a = 0; a < g.A; ++a) {
-        for (int r = 0; r < runs.n; ++r) {
-          const S* from = plane + a * v.pos + runs.offset[r];
-          T* to = rows + a * vw + runs.first[r];
-          for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<T>(from[k]);
-        }
-      }
-    }
-    for (int64_t a = 0; a < g.Apad; ++a)
-      for (int l = a < g.A ? lanes.n : 0; l < vw; ++l) rows[a * vw + l] = T(0);
-  }
-}
-
-template <typename S, typename T>
-void unpack(const T* src, const View& v, int64_t head, const Lanes& lanes, int vw, int64_t channels,
-            const Geometry& g) {
-  S* base = static_cast<S*>(v.data) + head * v.head;
-  const Runs runs = runs_of(v, lanes);
-  for (int64_t ch = 0; ch < channels; ++ch) {
-    S* plane = base + ch * v.channel;
-    const T* rows = src + ch * g.Apad * vw;
-    if (runs.n == lanes.n) {
-      for (int l = 0; l < lanes.n; ++l) {
-        S* to = plane + runs.offset[l];
-        for (int64_t a = 0; a < g.A; ++a) to[a * v.pos] = static_cast<S>(rows[a * vw + l]);
-      }
-      continue;
-    }
-    for (int64_t a = 0; a < g.A; ++a) {
-      for (int r = 0; r < runs.n; ++r) {
-        const T* from = rows + a * vw + runs.first[r];
-        S* to = plane + a * v.pos + runs.offset[r];
-        for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<S>(from[k]);
-      }
-    }
-  }
-}
-
-template <typename T>
-PackFn<T> pack_for(at::ScalarType type) {
-  return visit_dtype(type, "gsa native axial attention",
-                     [](auto* s) -> PackFn<T> { return pack<std::remove_pointer_t<decltype(s)>, T>; });
-}
-
-template <typename T>
-UnpackFn<T> unpack_for(at::ScalarType type) {
-  return visit_dtype(type, "gsa native axial attention",
-                     [](auto* s) -> UnpackFn<T> { return unpack<std::remove_pointer_t<decltype(s)>, T>; });
-}
 
 // ---------------------------------------------------------------------------------------------------
 // The products of one block of QB queries a0..a0+QB-1 on one tile. Buffers (lane-major, VW lanes):
@@ -433,14 +297,14 @@ GSA_INLINE void forward_range(const ForwardArgs<typename C::scalar>& args, int64
   for (int64_t item = begin; item < end; ++item) {
     int64_t head = item / g.tiles;
     tile_lanes(g, item % g.tiles, VW, lanes);
-    args.pack_queries(args.queries, head, lanes, VW, g.d, g, q.data);
-    args.pack_values(args.values, head, lanes, VW, g.c, g, v.data);
+    args.pack_queries(args.queries, head, lanes, g.d, g, q.data);
+    args.pack_values(args.values, head, lanes, g.c, g, v.data);
     const T* table = args.table + head * g.Apad * g.A * g.d;
     for (int64_t a0 = 0; a0 < g.Apad; a0 += QB) {
       logits_block<C>(q.data, table, g, a0, logits.data);
       out_block<C>(v.data, logits.data, g, a0, out.data);
     }
-    args.unpack_out(out.data, args.out, head, lanes, VW, g.c, g);
+    args.unpack_out(out.data, args.out, head, lanes, g.c, g);
   }
 }
 
@@ -462,9 +326,9 @@ GSA_INLINE void backward_range(const BackwardArgs<typename C::scalar>& args, int
     tile_lanes(g, item % g.tiles, VW, lanes);
     const T* table = args.table + head * g.Apad * g.A * g.d;
     T* head_gp = gp + (head - first_head) * g.Apad * g.A * g.dpad;
-    args.pack_grad(args.grad, head, lanes, VW, g.c, g, grad.data);
-    if (need_logits || args.need_table) args.pack_queries(args.queries, head, lanes, VW, g.d, g, q.data);
-    if (need_grad_logits) args.pack_values(args.values, head, lanes, VW, g.c, g, v.data);
+    args.pack_grad(args.grad, head, lanes, g.c, g, grad.data);
+    if (need_logits || args.need_table) args.pack_queries(args.queries, head, lanes, g.d, g, q.data);
+    if (need_grad_logits) args.pack_values(args.values, head, lanes, g.c, g, v.data);
     if (args.need_values) std::memset(gv.data, 0, sizeof(T) * g.c * plane);
     if (args.need_table) {
       for (int64_t a = 0; a < g.Apad; ++a)
@@ -485,8 +349,8 @@ GSA_INLINE void backward_range(const BackwardArgs<typename C::scalar>& args, int
         if (args.need_table) grad_table_block<C>(qt.data, gl.data, g, a0, head_gp);
       }
     }
-    if (args.need_queries) args.unpack_grad_queries(gq.data, args.grad_queries, head, lanes, VW, g.d, g);
-    if (args.need_values) args.unpack_grad_values(gv.data, args.grad_values, head, lanes, VW, g.c, g);
+    if (args.need_queries) args.unpack_grad_queries(gq.data, args.grad_queries, head, lanes, g.d, g);
+    if (args.need_values) args.unpack_grad_values(gv.data, args.grad_values, head, lanes, g.c, g);
   }
 }
 
@@ -505,6 +369,16 @@ using BackwardFn = void (*)(const BackwardArgs<T>&, int64_t, int64_t, int64_t, T
   ATTRIBUTES void backward_##NAME(const BackwardArgs<T>& args, int64_t begin, int64_t end, int64_t first, \
                                   T* gp) {                                                              \
     backward_range<CONFIG<T>>(args, begin, end, first, gp);                                             \
+  }                                                                                                     \
+  template <typename T>                                                                                 \
+  ATTRIBUTES void pack_##NAME(const View& v, int64_t head, const Lanes& lanes, int64_t channels,         \
+                              const Geometry& g, T* dst) {                                              \
+    pack_vectors<CONFIG<T>>(v, head, lanes, channels, g, dst);                                          \
+  }                                                                                                     \
+  template <typename T>                                                                                 \
+  ATTRIBUTES void unpack_##NAME(const T* src, const View& v, int64_t head, const Lanes& lanes,           \
+                                int64_t channels, const Geometry& g) {                                  \
+    unpack_vectors<CONFIG<T>>(src, v, head, lanes, channels, g);                                        \
   }
 
 GSA_VARIANT(baseline, Baseline, )
@@ -541,6 +415,34 @@ BackwardFn<T> backward_fn(Isa isa) {
   if (isa == Isa::avx2) return backward_avx2<T>;
 #endif
   return backward_baseline<T>;
+}
+
+// The copies of a tensor (of dtype `type`, seen as `view`) to and from the buffers of the compute type
+// T: by vectors where vector_copies allows (axial_copies.h), else element by element.
+template <typename T>
+PackFn<T> pack_for(Isa isa, at::ScalarType type, const View& view, const Geometry& g) {
+  if (type == c10::CppTypeToScalarType<T>::value && vector_copies(view, g)) {
+#if GSA_X86
+    if (isa == Isa::avx512) return pack_avx512<T>;
+    if (isa == Isa::avx2) return pack_avx2<T>;
+#endif
+    return pack_baseline<T>;
+  }
+  return visit_dtype(type, "gsa native axial attention",
+                     [](auto* s) -> PackFn<T> { return copy_in<std::remove_pointer_t<decltype(s)>, T>; });
+}
+
+template <typename T>
+UnpackFn<T> unpack_for(Isa isa, at::ScalarType type, const View& view, const Geometry& g) {
+  if (type == c10::CppTypeToScalarType<T>::value && vector_copies(view, g)) {
+#if GSA_X86
+    if (isa == Isa::avx512) return unpack_avx512<T>;
+    if (isa == Isa::avx2) return unpack_avx2<T>;
+#endif
+    return unpack_baseline<T>;
+  }
+  return visit_dtype(type, "gsa native axial attention",
+                     [](auto* s) -> UnpackFn<T> { return copy_out<std::remove_pointer_t<decltype(s)>, T>; });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -600,14 +502,15 @@ at::ScalarType compute_type(const at::Tensor& queries) {
 template <typename T>
 void run_forward(const at::Tensor& queries, const at::Tensor& values, const at::Tensor& table, at::Tensor& out,
                  const Geometry& g, int64_t dim, Isa isa) {
+  const View q = view_of(queries, dim), v = view_of(values, dim), o = view_of(out, dim);
   ForwardArgs<T> args{g,
-                      view_of(queries, dim),
-                      view_of(values, dim),
-                      view_of(out, dim),
+                      q,
+                      v,
+                      o,
                       table.const_data_ptr<T>(),
-                      pack_for<T>(queries.scalar_type()),
-                      pack_for<T>(values.scalar_type()),
-                      unpack_for<T>(out.scalar_type())};
+                      pack_for<T>(isa, queries.scalar_type(), q, g),
+                      pack_for<T>(isa, values.scalar_type(), v, g),
+                      unpack_for<T>(isa, out.scalar_type(), o, g)};
   ForwardFn<T> fn = forward_fn<T>(isa);
   at::parallel_for(0, g.heads * g.tiles, grain_size(g), [&](int64_t begin, int64_t end) {
     fn(args, begin, end);
@@ -636,21 +539,23 @@ template <typename T>
 void run_backward(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& values,
                   const at::Tensor& table, at::Tensor& grad_queries, at::Tensor& grad_values, at::Tensor& grad_table,
                   const Geometry& g, int64_t dim, bool need_q, bool need_v, bool need_p, Isa isa) {
+  const View gr = view_of(grad, dim), q = view_of(queries, dim), v = view_of(values, dim);
+  const View gq = need_q ? view_of(grad_queries, dim) : View{}, gv = need_v ? view_of(grad_values, dim) : View{};
   BackwardArgs<T> args{g,
-                       view_of(grad, dim),
-                       view_of(queries, dim),
-                       view_of(values, dim),
-                       need_q ? view_of(grad_queries, dim) : View{},
-                       need_v ? view_of(grad_values, dim) : View{},
+                       gr,
+                       q,
+                       v,
+                       gq,
+                       gv,
                        table.const_data_ptr<T>(),
                        need_q,
                        need_v,
                        need_p,
-                       pack_for<T>(grad.scalar_type()),
-                       pack_for<T>(queries.scalar_type()),
-                       pack_for<T>(values.scalar_type()),
-                       unpack_for<T>(grad_queries.scalar_type()),
-                       unpack_for<T>(grad_values.scalar_type())};
+                       pack_for<T>(isa, grad.scalar_type(), gr, g),
+                       pack_for<T>(isa, queries.scalar_type(), q, g),
+                       pack_for<T>(isa, values.scalar_type(), v, g),
+                       unpack_for<T>(isa, grad_queries.scalar_type(), gq, g),
+                       unpack_for<T>(isa, grad_values.scalar_type(), gv, g)};
   BackwardFn<T> fn = backward_fn<T>(isa);
   // Each chunk of work items sums its table gradient into a buffer of its own; the buffers are added
   // up in the chunks' order afterwards, so that the result does not depend on which thread ends first.

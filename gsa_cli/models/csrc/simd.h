@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <string>
+#include <utility>
 
 namespace gsa_simd {
 
@@ -63,6 +65,58 @@ template <class V, typename T>
 GSA_INLINE void store(T* p, V v) {
   *reinterpret_cast<V*>(p) = v;
 }
+
+// Unaligned loads and stores (a tensor's rows): the compiler emits one vector move.
+template <class V, typename T>
+GSA_INLINE V loadu(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <class V, typename T>
+GSA_INLINE void storeu(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// In-register transpose of an N x N block (N vectors of N elements): rows[i][j] becomes rows[j][i].
+// Bit by bit of the index: the pass for bit b swaps bit b of the row index with bit b of the element
+// index, one two-source shuffle per output vector (vpermt2ps on AVX-512); log2(N) passes of N shuffles.
+// Where the compiler lacks __builtin_shufflevector (GCC before 12), GSA_HAS_SHUFFLE is 0 and callers
+// copy element by element.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define GSA_HAS_SHUFFLE 1
+#endif
+#endif
+#ifndef GSA_HAS_SHUFFLE
+#define GSA_HAS_SHUFFLE 0
+#endif
+
+#if GSA_HAS_SHUFFLE
+// Element j of the result: from the first vector where bit `Bit` of j equals `High`'s, else from the
+// second, the two vectors' elements of bit `Bit` exchanged.
+template <int N, int Bit, bool High, class V, size_t... J>
+GSA_INLINE V exchange(V x, V y, std::index_sequence<J...>) {
+  constexpr int step = 1 << Bit;
+  return __builtin_shufflevector(
+      x, y, (High ? (((J >> Bit) & 1) ? N + J : J + step) : (((J >> Bit) & 1) ? N + J - step : J))...);
+}
+
+template <class V, int N, int Bit = 0>
+GSA_INLINE void transpose(V* rows) {
+  if constexpr ((1 << Bit) < N) {
+    constexpr int step = 1 << Bit;
+    for (int i = 0; i < N; ++i) {
+      if (i & step) continue;
+      V x = rows[i], y = rows[i + step];
+      rows[i] = exchange<N, Bit, false>(x, y, std::make_index_sequence<N>{});
+      rows[i + step] = exchange<N, Bit, true>(x, y, std::make_index_sequence<N>{});
+    }
+    transpose<V, N, Bit + 1>(rows);
+  }
+}
+#endif
 
 // A 64-byte aligned scratch buffer.
 template <typename T>

@@ -1,0 +1,285 @@
+// The axial kernel's copies (axial.cpp): between a pass's strided (B, h, channels, H, W) tensors and
+// the lane-major buffers its products run on, [channel][Apad][VW]: VW lines of the map (a tile's
+// lanes) side by side, so that every product is elementwise over the lanes whatever the pass and the
+// strides. Included by axial.cpp alone; its functions are inlined into each instruction set's variant.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace gsa_axial {
+
+using namespace gsa_simd;
+
+constexpr int MAX_LANES = 16;  // float in 64-byte vectors
+
+// The sizes of one call. Positions are padded to Apad (a multiple of QB) along the query axis.
+struct Geometry {
+  int64_t batch, heads, d, c, A, O, Apad, M, lanes, tiles, dpad;
+};
+
+// A (B, h, channels, H, W) tensor as one pass sees it: strides of its batch, head, channel, attended
+// position and line (the other axis).
+struct View {
+  void* data;
+  int64_t batch, head, channel, pos, line;
+};
+
+inline View view_of(const at::Tensor& t, int64_t dim) {
+  int64_t other = dim == 3 ? 4 : 3;
+  return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(dim),
+          t.stride(other)};
+}
+
+// The lines of one tile: batch index and position on the other axis of each lane.
+struct Lanes {
+  int n = 0;
+  int64_t b[MAX_LANES];
+  int64_t o[MAX_LANES];
+};
+
+inline void tile_lanes(const Geometry& g, int64_t tile, int lanes_per_tile, Lanes& lanes) {
+  lanes.n = 0;
+  for (int l = 0; l < lanes_per_tile; ++l) {
+    int64_t m = tile * lanes_per_tile + l;
+    if (m >= g.M) break;
+    lanes.b[l] = m / g.O;
+    lanes.o[l] = m % g.O;
+    lanes.n = l + 1;
+  }
+}
+
+// Copies between a strided tensor (any floating dtype S) and a lane-major buffer [channel][Apad][VW]
+// of the compute type T; lanes past the tile's lines and positions past A are zero. The vector copies
+// are compiled once per instruction set, inlined into axial.cpp's variants.
+template <typename T>
+using PackFn = void (*)(const View&, int64_t, const Lanes&, int64_t, const Geometry&, T*);
+template <typename T>
+using UnpackFn = void (*)(const T*, const View&, int64_t, const Lanes&, int64_t, const Geometry&);
+
+// A tile's lanes as runs of lanes whose elements are adjacent in memory: on a column pass the lanes
+// are a row of one image (unit stride), copied as vectors; on a row pass they are a map row apart,
+// runs of one, each lane's positions adjacent instead: copied as VW x VW blocks transposed in
+// registers.
+struct Runs {
+  int n = 0;
+  int first[MAX_LANES];       // the run's first lane
+  int length[MAX_LANES];      // its lanes
+  int64_t offset[MAX_LANES];  // the element of its first lane, from the head's origin
+};
+
+inline Runs runs_of(const View& v, const Lanes& lanes) {
+  Runs runs;
+  for (int l = 0; l < lanes.n; ++l) {
+    int64_t offset = lanes.b[l] * v.batch + lanes.o[l] * v.line;
+    int last = runs.n - 1;
+    if (last >= 0 && v.line == 1 && offset == runs.offset[last] + runs.length[last]) {
+      ++runs.length[last];
+      continue;
+    }
+    runs.first[runs.n] = l;
+    runs.length[runs.n] = 1;
+    runs.offset[runs.n] = offset;
+    ++runs.n;
+  }
+  return runs;
+}
+
+// Element by element, any dtype and strides, compiled for the baseline instruction set: short axes,
+// where a tile's lines are short runs and the map is in cache (compiled for AVX-512 these loops ran
+// 1.2-1.3x slower there), half-precision tensors, channels-last layouts.
+template <typename S, typename T>
+void copy_in(const View& v, int64_t head, const Lanes& lanes, int64_t channels, const Geometry& g, T* dst) {
+  const int64_t vw = g.lanes;
+  const S* base = static_cast<const S*>(v.data) + head * v.head;
+  const Runs runs = runs_of(v, lanes);
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    const S* plane = base + ch * v.channel;
+    T* rows = dst + ch * g.Apad * vw;
+    if (runs.n == lanes.n) {
+      // No two lanes adjacent (a row pass): lane by lane, reading along its positions.
+      for (int l = 0; l < lanes.n; ++l) {
+        const S* from = plane + runs.offset[l];
+        for (int64_t a = 0; a < g.A; ++a) rows[a * vw + l] = static_cast<T>(from[a * v.pos]);
+      }
+    } else {
+      for (int64_t a = 0; a < g.A; ++a) {
+        for (int r = 0; r < runs.n; ++r) {
+          const S* from = plane + a * v.pos + runs.offset[r];
+          T* to = rows + a * vw + runs.first[r];
+          for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<T>(from[k]);
+        }
+      }
+    }
+    for (int64_t a = 0; a < g.Apad; ++a)
+      for (int l = a < g.A ? lanes.n : 0; l < vw; ++l) rows[a * vw + l] = T(0);
+  }
+}
+
+template <typename S, typename T>
+void copy_out(const T* src, const View& v, int64_t head, const Lanes& lanes, int64_t channels, const Geometry& g) {
+  const int64_t vw = g.lanes;
+  S* base = static_cast<S*>(v.data) + head * v.head;
+  const Runs runs = runs_of(v, lanes);
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    S* plane = base + ch * v.channel;
+    const T* rows = src + ch * g.Apad * vw;
+    if (runs.n == lanes.n) {
+      for (int l = 0; l < lanes.n; ++l) {
+        S* to = plane + runs.offset[l];
+        for (int64_t a = 0; a < g.A; ++a) to[a * v.pos] = static_cast<S>(rows[a * vw + l]);
+      }
+      continue;
+    }
+    for (int64_t a = 0; a < g.A; ++a) {
+      for (int r = 0; r < runs.n; ++r) {
+        const T* from = rows + a * vw + runs.first[r];
+        S* to = plane + a * v.pos + runs.offset[r];
+        for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<S>(from[k]);
+      }
+    }
+  }
+}
+
+// On long axes (LONG_AXIS positions and more), in the compute type, with a unit stride along the
+// lines (a column pass) or along the positions (a row pass), the copies go by vectors: on a column pass
+// a tile that is one run moves as one vector per position; on a row pass VW positions of every lane at
+// a time, loaded as vectors (a lane's positions), transposed in registers, stored as the buffer's
+// rows (a position's lanes). And they ask ahead for what they read next, a map row apart: a stride the
+// hardware prefetchers miss (measured at 56x56: these copies took as long as the products).
+constexpr int LONG_AXIS = 24;
+constexpr int PREFETCH_ROWS = 6;  // a column pass: rows ahead; a row pass: the next channel
+
+inline bool vector_copies(const View& v, const Geometry& g) {
+  return g.A >= LONG_AXIS && (v.line == 1 || (GSA_HAS_SHUFFLE && v.pos == 1));
+}
+
+// A tile whose lanes are a map row apart and whose positions are adjacent: the in-register transpose.
+inline bool transposed_tile(const View& v, const Runs& runs, const Lanes& lanes) {
+  return GSA_HAS_SHUFFLE && runs.n == lanes.n && v.pos == 1;
+}
+
+#if GSA_HAS_SHUFFLE
+template <class C>
+GSA_INLINE void pack_transposed(const typename C::scalar* plane, const typename C::scalar* next, const Runs& runs,
+                                const Geometry& g, typename C::scalar* rows) {
+  using V = typename C::vec;
+  using T = typename C::scalar;
+  constexpr int VW = C::VW;
+  const int64_t whole = g.A / VW * VW;
+  for (int64_t a0 = 0; a0 < whole; a0 += VW) {
+    V block[VW];
+    for (int l = 0; l < VW; ++l) {
+      block[l] = l < runs.n ? loadu<V>(plane + runs.offset[l] + a0) : V{};
+      if (next != nullptr && l < runs.n) __builtin_prefetch(next + runs.offset[l] + a0);
+    }
+    transpose<V, VW>(block);
+    for (int t = 0; t < VW; ++t) store(rows + (a0 + t) * VW, block[t]);
+  }
+  for (int l = 0; l < runs.n; ++l)
+    for (int64_t a = whole; a < g.A; ++a) rows[a * VW + l] = plane[runs.offset[l] + a];
+  for (int64_t a = whole; a < g.Apad; ++a)
+    for (int l = a < g.A ? runs.n : 0; l < VW; ++l) rows[a * VW + l] = T(0);
+}
+
+template <class C>
+GSA_INLINE void unpack_transposed(const typename C::scalar* rows, const Runs& runs, const Geometry& g,
+                                  typename C::scalar* plane) {
+  using V = typename C::vec;
+  constexpr int VW = C::VW;
+  const int64_t whole = g.A / VW * VW;
+  for (int64_t a0 = 0; a0 < whole; a0 += VW) {
+    V block[VW];
+    for (int t = 0; t < VW; ++t) block[t] = load<V>(rows + (a0 + t) * VW);
+    transpose<V, VW>(block);
+    for (int l = 0; l < runs.n; ++l) storeu(plane + runs.offset[l] + a0, block[l]);
+  }
+  for (int l = 0; l < runs.n; ++l)
+    for (int64_t a = whole; a < g.A; ++a) plane[runs.offset[l] + a] = rows[a * VW + l];
+}
+#endif
+
+template <class C>
+GSA_INLINE void pack_runs(const typename C::scalar* plane, const View& v, const Runs& runs, int lanes,
+                          const Geometry& g, typename C::scalar* rows) {
+  using T = typename C::scalar;
+  constexpr int VW = C::VW;
+  for (int64_t a = 0; a < g.A; ++a) {
+    for (int r = 0; r < runs.n; ++r) {
+      const T* from = plane + a * v.pos + runs.offset[r];
+      __builtin_prefetch(from + PREFETCH_ROWS * v.pos);
+      __builtin_prefetch(from + PREFETCH_ROWS * v.pos + runs.length[r] - 1);
+      T* to = rows + a * VW + runs.first[r];
+      if (runs.length[r] == VW) {
+        store(to, loadu<typename C::vec>(from));
+      } else {
+        for (int k = 0; k < runs.length[r]; ++k) to[k] = from[k];
+      }
+    }
+  }
+  for (int64_t a = 0; a < g.Apad; ++a)
+    for (int l = a < g.A ? lanes : 0; l < VW; ++l) rows[a * VW + l] = T(0);
+}
+
+template <class C>
+GSA_INLINE void unpack_runs(const typename C::scalar* rows, const View& v, const Runs& runs, const Geometry& g,
+                            typename C::scalar* plane) {
+  constexpr int VW = C::VW;
+  for (int64_t a = 0; a < g.A; ++a) {
+    for (int r = 0; r < runs.n; ++r) {
+      const typename C::scalar* from = rows + a * VW + runs.first[r];
+      typename C::scalar* to = plane + a * v.pos + runs.offset[r];
+      if (runs.length[r] == VW) {
+        storeu(to, load<typename C::vec>(from));
+      } else {
+        for (int k = 0; k < runs.length[r]; ++k) to[k] = from[k];
+      }
+    }
+  }
+}
+
+// One tile's channels, by vectors (vector_copies holds; the tensor is in the compute type).
+template <class C>
+GSA_INLINE void pack_vectors(const View& v, int64_t head, const Lanes& lanes, int64_t channels, const Geometry& g,
+                             typename C::scalar* dst) {
+  using T = typename C::scalar;
+  const Runs runs = runs_of(v, lanes);
+  const T* base = static_cast<const T*>(v.data) + head * v.head;
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    const T* plane = base + ch * v.channel;
+    T* rows = dst + ch * g.Apad * C::VW;
+#if GSA_HAS_SHUFFLE
+    if (transposed_tile(v, runs, lanes)) {
+      pack_transposed<C>(plane, ch + 1 < channels ? plane + v.channel : nullptr, runs, g, rows);
+      continue;
+    }
+#endif
+    pack_runs<C>(plane, v, runs, lanes.n, g, rows);
+  }
+}
+
+template <class C>
+GSA_INLINE void unpack_vectors(const typename C::scalar* src, const View& v, int64_t head, const Lanes& lanes,
+                               int64_t channels, const Geometry& g) {
+  using T = typename C::scalar;
+  const Runs runs = runs_of(v, lanes);
+  T* base = static_cast<T*>(v.data) + head * v.head;
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    T* plane = base + ch * v.channel;
+    const T* rows = src + ch * g.Apad * C::VW;
+#if GSA_HAS_SHUFFLE
+    if (transposed_tile(v, runs, lanes)) {
+      unpack_transposed<C>(rows, runs, g, plane);
+      continue;
+    }
+#endif
+    unpack_runs<C>(rows, v, runs, g, plane);
+  }
+}
+
+}  // namespace gsa_axial
