@@ -81,11 +81,22 @@ GSA_INLINE int64_t padded(int64_t n) {
   return (n + C::VW - 1) / C::VW * C::VW;
 }
 
+// The sum of a vector's lanes: halves added until four lanes are left (a shuffle and an add per
+// halving, where adding the lanes one by one cost as much as the products it ends, on short rows).
 template <class C>
 GSA_INLINE typename C::scalar hsum(typename C::vec v) {
-  typename C::scalar sum = 0;
-  for (int l = 0; l < C::VW; ++l) sum += v[l];
-  return sum;
+  using T = typename C::scalar;
+  if constexpr (sizeof(typename C::vec) > 16) {
+    using Half = typename VecType<T, sizeof(typename C::vec) / 2>::type;
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(Half));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return hsum<Simd<T, sizeof(Half)>>(low + high);
+  } else {
+    T sum = 0;
+    for (int l = 0; l < C::VW; ++l) sum += v[l];
+    return sum;
+  }
 }
 
 // Each of `rows` rows of `row` (Np long, N of them real) softmaxed in place; the padding stays zero.
