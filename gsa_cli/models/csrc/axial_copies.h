@@ -152,7 +152,7 @@ void copy_out(const T* src, const View& v, int64_t head, const Lanes& lanes, int
 // a time, loaded as vectors (a lane's positions), transposed in registers, stored as the buffer's
 // rows (a position's lanes). And they ask ahead for what they read next, a map row apart: a stride the
 // hardware prefetchers miss (measured at 56x56: these copies took as long as the products).
-constexpr int LONG_AXIS = 24;
+constexpr int LONG_AXIS = 16;
 constexpr int PREFETCH_ROWS = 6;  // a column pass: rows ahead; a row pass: the next channel
 
 inline bool vector_copies(const View& v, const Geometry& g) {
