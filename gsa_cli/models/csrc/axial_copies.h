@@ -28,12 +28,15 @@ struct Geometry {
 struct View {
   void* data;
   int64_t batch, head, channel, pos, line;
+  int64_t extent;  // elements from data to one past the last the tensor holds (a vector copy reads no further)
 };
 
 inline View view_of(const at::Tensor& t, int64_t dim) {
   int64_t other = dim == 3 ? 4 : 3;
+  int64_t extent = t.numel() > 0 ? 1 : 0;
+  for (int64_t d = 0; d < t.dim() && extent > 0; ++d) extent += (t.size(d) - 1) * t.stride(d);
   return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(dim),
-          t.stride(other)};
+          t.stride(other), extent};
 }
 
 // The lines of one tile: batch index and position on the other axis of each lane.
@@ -146,17 +149,22 @@ void copy_out(const T* src, const View& v, int64_t head, const Lanes& lanes, int
   }
 }
 
-// On long axes (LONG_AXIS positions and more), in the compute type, with a unit stride along the
-// lines (a column pass) or along the positions (a row pass), the copies go by vectors: on a column pass
-// a tile that is one run moves as one vector per position; on a row pass VW positions of every lane at
-// a time, loaded as vectors (a lane's positions), transposed in registers, stored as the buffer's
-// rows (a position's lanes). And they ask ahead for what they read next, a map row apart: a stride the
-// hardware prefetchers miss (measured at 56x56: these copies took as long as the products).
+// The copies go by vectors in the compute type where a pass's lines or positions are adjacent in
+// memory. A column pass (lanes adjacent) on LONG_AXIS positions and more: a tile that is one run moves
+// as one vector per position. A row pass (each lane's positions adjacent) on half a vector of positions
+// and more: VW positions of every lane at a time, loaded as vectors (a lane's positions), transposed in
+// registers, stored as the buffer's rows (a position's lanes); on a short axis (fewer than VW) a load
+// reads past the lane's positions, within the tensor, and what it read there is never stored. On long
+// axes they ask ahead for what they read next, a map row apart: a stride the hardware prefetchers miss
+// (measured at 56x56: these copies took as long as the products).
 constexpr int LONG_AXIS = 16;
 constexpr int PREFETCH_ROWS = 6;  // a column pass: rows ahead; a row pass: the next channel
 
 inline bool vector_copies(const View& v, const Geometry& g) {
-  return g.A >= LONG_AXIS && (v.line == 1 || (GSA_HAS_SHUFFLE && v.pos == 1));
+  if (v.line == 1) return g.A >= LONG_AXIS;
+  // Half a vector of positions and more: below, a transpose costs more than the elements
+  // it moves (measured with 16 lanes: 1.1x the time at 7 positions, 1.7-1.9x at 4; 0.85-0.94x at 8).
+  return GSA_HAS_SHUFFLE && v.pos == 1 && 2 * g.A >= g.lanes;
 }
 
 // A tile whose lanes are a map row apart and whose positions are adjacent: the in-register transpose.
@@ -166,41 +174,60 @@ inline bool transposed_tile(const View& v, const Runs& runs, const Lanes& lanes)
 
 #if GSA_HAS_SHUFFLE
 template <class C>
-GSA_INLINE void pack_transposed(const typename C::scalar* plane, const typename C::scalar* next, const Runs& runs,
-                                const Geometry& g, typename C::scalar* rows) {
+GSA_INLINE void pack_transposed(const typename C::scalar* plane, const typename C::scalar* next,
+                                const typename C::scalar* limit, const Runs& runs, const Geometry& g,
+                                typename C::scalar* rows) {
   using V = typename C::vec;
   using T = typename C::scalar;
   constexpr int VW = C::VW;
-  const int64_t whole = g.A / VW * VW;
-  for (int64_t a0 = 0; a0 < whole; a0 += VW) {
+  for (int64_t a0 = 0; a0 < g.A; a0 += VW) {
+    const int64_t count = std::min<int64_t>(VW, g.A - a0);
     V block[VW];
     for (int l = 0; l < VW; ++l) {
-      block[l] = l < runs.n ? loadu<V>(plane + runs.offset[l] + a0) : V{};
-      if (next != nullptr && l < runs.n) __builtin_prefetch(next + runs.offset[l] + a0);
+      if (l >= runs.n) {
+        block[l] = V{};
+        continue;
+      }
+      const T* from = plane + runs.offset[l] + a0;
+      if (count == VW || from + VW <= limit) {
+        block[l] = loadu<V>(from);
+      } else {
+        alignas(64) T part[VW] = {};
+        std::copy(from, from + count, part);
+        block[l] = load<V>(part);
+      }
+      if (next != nullptr) __builtin_prefetch(next + runs.offset[l] + a0);
     }
     transpose<V, VW>(block);
-    for (int t = 0; t < VW; ++t) store(rows + (a0 + t) * VW, block[t]);
+    for (int64_t t = 0; t < count; ++t) store(rows + (a0 + t) * VW, block[t]);
   }
-  for (int l = 0; l < runs.n; ++l)
-    for (int64_t a = whole; a < g.A; ++a) rows[a * VW + l] = plane[runs.offset[l] + a];
-  for (int64_t a = whole; a < g.Apad; ++a)
-    for (int l = a < g.A ? runs.n : 0; l < VW; ++l) rows[a * VW + l] = T(0);
+  for (int64_t a = g.A; a < g.Apad; ++a) store(rows + a * VW, V{});
 }
 
+// On a short axis (one block) a lane's whole vector is stored where what it spills over is the next
+// lanes' positions, stored after it: `reach[l]`, the end of the lanes adjacent to lane l from it on.
 template <class C>
-GSA_INLINE void unpack_transposed(const typename C::scalar* rows, const Runs& runs, const Geometry& g,
-                                  typename C::scalar* plane) {
+GSA_INLINE void unpack_transposed(const typename C::scalar* rows, const Runs& runs, const int64_t* reach,
+                                  const Geometry& g, typename C::scalar* plane) {
   using V = typename C::vec;
+  using T = typename C::scalar;
   constexpr int VW = C::VW;
-  const int64_t whole = g.A / VW * VW;
-  for (int64_t a0 = 0; a0 < whole; a0 += VW) {
+  for (int64_t a0 = 0; a0 < g.A; a0 += VW) {
+    const int64_t count = std::min<int64_t>(VW, g.A - a0);
     V block[VW];
-    for (int t = 0; t < VW; ++t) block[t] = load<V>(rows + (a0 + t) * VW);
+    for (int t = 0; t < VW; ++t) block[t] = t < count ? load<V>(rows + (a0 + t) * VW) : V{};
     transpose<V, VW>(block);
-    for (int l = 0; l < runs.n; ++l) storeu(plane + runs.offset[l] + a0, block[l]);
+    for (int l = 0; l < runs.n; ++l) {
+      T* to = plane + runs.offset[l] + a0;
+      if (count == VW || (g.A < VW && runs.offset[l] + VW <= reach[l])) {
+        storeu(to, block[l]);
+      } else {
+        alignas(64) T part[VW];
+        store(part, block[l]);
+        std::copy(part, part + count, to);
+      }
+    }
   }
-  for (int l = 0; l < runs.n; ++l)
-    for (int64_t a = whole; a < g.A; ++a) plane[runs.offset[l] + a] = rows[a * VW + l];
 }
 #endif
 
@@ -250,12 +277,14 @@ GSA_INLINE void pack_vectors(const View& v, int64_t head, const Lanes& lanes, in
   using T = typename C::scalar;
   const Runs runs = runs_of(v, lanes);
   const T* base = static_cast<const T*>(v.data) + head * v.head;
+  const T* limit = static_cast<const T*>(v.data) + v.extent;
   for (int64_t ch = 0; ch < channels; ++ch) {
     const T* plane = base + ch * v.channel;
     T* rows = dst + ch * g.Apad * C::VW;
 #if GSA_HAS_SHUFFLE
     if (transposed_tile(v, runs, lanes)) {
-      pack_transposed<C>(plane, ch + 1 < channels ? plane + v.channel : nullptr, runs, g, rows);
+      const T* next = g.A >= LONG_AXIS && ch + 1 < channels ? plane + v.channel : nullptr;
+      pack_transposed<C>(plane, next, limit, runs, g, rows);
       continue;
     }
 #endif
@@ -269,12 +298,17 @@ GSA_INLINE void unpack_vectors(const typename C::scalar* src, const View& v, int
   using T = typename C::scalar;
   const Runs runs = runs_of(v, lanes);
   T* base = static_cast<T*>(v.data) + head * v.head;
+  int64_t reach[MAX_LANES];
+  for (int l = runs.n - 1; l >= 0; --l) {
+    const bool adjacent = l + 1 < runs.n && runs.offset[l + 1] == runs.offset[l] + g.A;
+    reach[l] = adjacent ? reach[l + 1] : runs.offset[l] + g.A;
+  }
   for (int64_t ch = 0; ch < channels; ++ch) {
     T* plane = base + ch * v.channel;
     const T* rows = src + ch * g.Apad * C::VW;
 #if GSA_HAS_SHUFFLE
     if (transposed_tile(v, runs, lanes)) {
-      unpack_transposed<C>(rows, runs, g, plane);
+      unpack_transposed<C>(rows, runs, reach, g, plane);
       continue;
     }
 #endif
