@@ -66,9 +66,9 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "axial.cpp", CSRC / "content.cpp")  # compiled into one library
 HEADERS = (CSRC / "simd.h", CSRC / "axial_copies.h")
 LIBRARY = "gsa_native_axial"  # the shared library's name; its operators are torch.ops.gsa_native.*
-# -ffp-contract=fast lets the compiler fuse a * b + c into one FMA: GCC leaves it off under the ISO
-# -std= that torch passes. No -march=native: csrc/axial.cpp picks its instruction set at run time.
-CFLAGS = ("-O3", "-ffp-contract=fast", "-Wno-psabi")
+# -ffp-contract=fast: a * b + c as one FMA (off under the ISO -std= torch passes). Loops and functions
+# aligned: short copy loops moved by 15-20% with where the code fell. No -march=native (see axial.cpp).
+CFLAGS = ("-O3", "-ffp-contract=fast", "-Wno-psabi", "-falign-loops=32", "-falign-functions=64")
 AXIAL_OP = "gsa::axial_attention"  # the public operators, as the MAC counters know them
 AXIAL_BACKWARD_OP = "gsa::axial_attention_backward"
 

@@ -292,7 +292,8 @@ GSA_INLINE void forward_range(const ForwardArgs<typename C::scalar>& args, int64
   using T = typename C::scalar;
   constexpr int VW = C::VW;
   const Geometry& g = args.g;
-  Buffer<T> q(g.d * g.Apad * VW), v(g.c * g.Apad * VW), out(g.c * g.Apad * VW), logits(QB * g.A * VW);
+  // VW to spare past the packed buffers: a column pass's copy stores whole vectors (axial_copies.h).
+  Buffer<T> q(g.d * g.Apad * VW + VW), v(g.c * g.Apad * VW + VW), out(g.c * g.Apad * VW), logits(QB * g.A * VW);
   Lanes lanes;
   for (int64_t item = begin; item < end; ++item) {
     int64_t head = item / g.tiles;
@@ -318,7 +319,7 @@ GSA_INLINE void backward_range(const BackwardArgs<typename C::scalar>& args, int
   const bool need_logits = args.need_values;                         // for grad_values
   const bool need_grad_logits = args.need_queries || args.need_table;  // for grad_queries, grad_table
   const int64_t plane = g.Apad * VW;
-  Buffer<T> grad(g.c * plane), q(g.d * plane), v(g.c * plane), gq(g.d * plane), gv(g.c * plane);
+  Buffer<T> grad(g.c * plane + VW), q(g.d * plane + VW), v(g.c * plane + VW), gq(g.d * plane), gv(g.c * plane);
   Buffer<T> qt(g.Apad * VW * g.dpad), logits(QB * g.A * VW), gl(QB * g.A * VW);
   Lanes lanes;
   for (int64_t item = begin; item < end; ++item) {
@@ -418,10 +419,10 @@ BackwardFn<T> backward_fn(Isa isa) {
 }
 
 // The copies of a tensor (of dtype `type`, seen as `view`) to and from the buffers of the compute type
-// T: by vectors where vector_copies allows (axial_copies.h), else element by element.
+// T: by vectors where vector_pack and vector_unpack allow (axial_copies.h), else element by element.
 template <typename T>
 PackFn<T> pack_for(Isa isa, at::ScalarType type, const View& view, const Geometry& g) {
-  if (type == c10::CppTypeToScalarType<T>::value && vector_copies(view, g)) {
+  if (type == c10::CppTypeToScalarType<T>::value && vector_pack(view, g)) {
 #if GSA_X86
     if (isa == Isa::avx512) return pack_avx512<T>;
     if (isa == Isa::avx2) return pack_avx2<T>;
@@ -434,7 +435,7 @@ PackFn<T> pack_for(Isa isa, at::ScalarType type, const View& view, const Geometr
 
 template <typename T>
 UnpackFn<T> unpack_for(Isa isa, at::ScalarType type, const View& view, const Geometry& g) {
-  if (type == c10::CppTypeToScalarType<T>::value && vector_copies(view, g)) {
+  if (type == c10::CppTypeToScalarType<T>::value && vector_unpack(view, g)) {
 #if GSA_X86
     if (isa == Isa::avx512) return unpack_avx512<T>;
     if (isa == Isa::avx2) return unpack_avx2<T>;

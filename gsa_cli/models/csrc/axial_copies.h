@@ -160,11 +160,20 @@ void copy_out(const T* src, const View& v, int64_t head, const Lanes& lanes, int
 constexpr int LONG_AXIS = 16;
 constexpr int PREFETCH_ROWS = 6;  // a column pass: rows ahead; a row pass: the next channel
 
-inline bool vector_copies(const View& v, const Geometry& g) {
-  if (v.line == 1) return g.A >= LONG_AXIS;
-  // Half a vector of positions and more: below, a transpose costs more than the elements
-  // it moves (measured with 16 lanes: 1.1x the time at 7 positions, 1.7-1.9x at 4; 0.85-0.94x at 8).
-  return GSA_HAS_SHUFFLE && v.pos == 1 && 2 * g.A >= g.lanes;
+// Half a vector of positions and more, on a row pass: below, a transpose costs more than the elements
+// it moves (measured with 16 lanes: 1.1x the time at 7 positions, 1.7-1.9x at 4; 0.85-0.94x at 8).
+inline bool transposes_rows(const View& v, const Geometry& g) {
+  return GSA_HAS_SHUFFLE && v.line != 1 && v.pos == 1 && 2 * g.A >= g.lanes;
+}
+
+// Into the buffers: a column pass on any axis (a run shorter than a tile is stored as a whole vector
+// too, over lanes and rows of the buffer written after it; the buffers have VW elements to spare).
+inline bool vector_pack(const View& v, const Geometry& g) { return v.line == 1 || transposes_rows(v, g); }
+
+// Out of them: a column pass on long axes only (a short run is stored element by element, since a
+// whole vector would spill over another tile's elements of the tensor).
+inline bool vector_unpack(const View& v, const Geometry& g) {
+  return (v.line == 1 && g.A >= LONG_AXIS) || transposes_rows(v, g);
 }
 
 // A tile whose lanes are a map row apart and whose positions are adjacent: the in-register transpose.
@@ -232,18 +241,23 @@ GSA_INLINE void unpack_transposed(const typename C::scalar* rows, const Runs& ru
 #endif
 
 template <class C>
-GSA_INLINE void pack_runs(const typename C::scalar* plane, const View& v, const Runs& runs, int lanes,
-                          const Geometry& g, typename C::scalar* rows) {
+GSA_INLINE void pack_runs(const typename C::scalar* plane, const typename C::scalar* limit, const View& v,
+                          const Runs& runs, int lanes, const Geometry& g, typename C::scalar* rows) {
   using T = typename C::scalar;
   constexpr int VW = C::VW;
+  const bool ahead = g.A >= LONG_AXIS;
   for (int64_t a = 0; a < g.A; ++a) {
     for (int r = 0; r < runs.n; ++r) {
       const T* from = plane + a * v.pos + runs.offset[r];
-      __builtin_prefetch(from + PREFETCH_ROWS * v.pos);
-      __builtin_prefetch(from + PREFETCH_ROWS * v.pos + runs.length[r] - 1);
+      if (ahead) {
+        __builtin_prefetch(from + PREFETCH_ROWS * v.pos);
+        __builtin_prefetch(from + PREFETCH_ROWS * v.pos + runs.length[r] - 1);
+      }
       T* to = rows + a * VW + runs.first[r];
       if (runs.length[r] == VW) {
         store(to, loadu<typename C::vec>(from));
+      } else if (from + VW <= limit) {
+        storeu(to, loadu<typename C::vec>(from));  // the lanes past the run: written after, or zeroed
       } else {
         for (int k = 0; k < runs.length[r]; ++k) to[k] = from[k];
       }
@@ -270,7 +284,7 @@ GSA_INLINE void unpack_runs(const typename C::scalar* rows, const View& v, const
   }
 }
 
-// One tile's channels, by vectors (vector_copies holds; the tensor is in the compute type).
+// One tile's channels, by vectors (vector_pack, vector_unpack hold; the tensor is in the compute type).
 template <class C>
 GSA_INLINE void pack_vectors(const View& v, int64_t head, const Lanes& lanes, int64_t channels, const Geometry& g,
                              typename C::scalar* dst) {
@@ -288,7 +302,7 @@ GSA_INLINE void pack_vectors(const View& v, int64_t head, const Lanes& lanes, in
       continue;
     }
 #endif
-    pack_runs<C>(plane, v, runs, lanes.n, g, rows);
+    pack_runs<C>(plane, limit, v, runs, lanes.n, g, rows);
   }
 }
 
