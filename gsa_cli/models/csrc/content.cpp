@@ -200,11 +200,12 @@ GSA_INLINE void dot_rows(const typename C::scalar* a, int64_t na, const typename
       for (int64_t v0 = 0; v0 < vectors; ++v0) dot_tile_t<C, 1, 1>(a, bt, N, Np, nb, nbp, i0, v0, out);
     return;
   }
+  constexpr int IR = sizeof(typename C::vec) == 64 ? 4 : 2;  // AVX-512's 32 registers hold 4 x 4 sums
   int64_t i0 = 0;
-  for (; i0 + 2 <= na; i0 += 2) {
+  for (; i0 + IR <= na; i0 += IR) {
     int64_t j0 = 0;
-    for (; j0 + 4 <= nb; j0 += 4) dot_tile<C, 2, 4>(a, b, Np, nb, i0, j0, out);
-    for (; j0 < nb; ++j0) dot_tile<C, 2, 1>(a, b, Np, nb, i0, j0, out);
+    for (; j0 + 4 <= nb; j0 += 4) dot_tile<C, IR, 4>(a, b, Np, nb, i0, j0, out);
+    for (; j0 < nb; ++j0) dot_tile<C, IR, 1>(a, b, Np, nb, i0, j0, out);
   }
   for (; i0 < na; ++i0) {
     int64_t j0 = 0;
