@@ -185,11 +185,25 @@ GSA_INLINE void dot_rows(const typename C::scalar* a, int64_t na, const typename
   using T = typename C::scalar;
   if (transposes<C>(Np)) {
     const int64_t nbp = padded<C>(nb), vectors = nbp / C::VW;
+#if GSA_HAS_SHUFFLE
+    // VW x VW blocks transposed in registers; the rows past nb zero.
+    using V = typename C::vec;
+    constexpr int VW = C::VW;
+    for (int64_t n0 = 0; n0 < N; n0 += VW) {
+      for (int64_t j0 = 0; j0 < nbp; j0 += VW) {
+        V block[VW];
+        for (int t = 0; t < VW; ++t) block[t] = j0 + t < nb ? load<V>(b + (j0 + t) * Np + n0) : V{};
+        transpose<V, VW>(block);
+        for (int t = 0; t < VW && n0 + t < N; ++t) store(bt + (n0 + t) * nbp + j0, block[t]);
+      }
+    }
+#else
     for (int64_t n = 0; n < N; ++n) {
       T* row = bt + n * nbp;
       for (int64_t j = 0; j < nb; ++j) row[j] = b[j * Np + n];
       for (int64_t j = nb; j < nbp; ++j) row[j] = T(0);
     }
+#endif
     int64_t i0 = 0;
     for (; i0 + 4 <= na; i0 += 4) {
       int64_t v0 = 0;
