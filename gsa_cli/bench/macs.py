@@ -66,20 +66,9 @@ ELEMENTWISE_OPS = frozenset(
 )
 NO_ARITHMETIC = frozenset(
     {
-        "aten::unflatten",
-        "aten::pad",
-        "aten::where",
-        "aten::lt",
-        "aten::le",
-        "aten::ne",
-        "aten::max_pool2d",
-        "aten::hardtanh_",
-        "aten::hardtanh",
-        "aten::clone",
-        "aten::movedim",
-        "aten::contiguous",
-        "aten::flatten",
-        "aten::mT",
+        *("aten::unflatten", "aten::pad", "aten::where", "aten::lt", "aten::le", "aten::ne"),
+        *("aten::max_pool2d", "aten::hardtanh_", "aten::hardtanh", "aten::clone", "aten::movedim"),
+        *("aten::contiguous", "aten::flatten", "aten::mT", "aten::index_select"),
     }
 )
 # An uncounted operator whose name matches this does products: the count would be wrong. A custom
@@ -409,8 +398,9 @@ def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any)
 # Dispatched operators that only move or view data; not reported as uncounted.
 _TORCH_NO_ARITHMETIC = frozenset(
     {
-        *("clone", "copy_", "_to_copy", "_unsafe_view", "cat", "constant_pad_nd", "index", "where"),
-        *("empty", "zeros", "arange", "full", "full_like", "lt", "relu", "relu_", "max_pool2d_with_indices"),
+        *("clone", "copy_", "_to_copy", "_unsafe_view", "cat", "constant_pad_nd", "index", "index_select"),
+        *("where", "empty", "zeros", "arange", "full", "full_like", "lt", "relu", "relu_"),
+        "max_pool2d_with_indices",
     }
 )
 

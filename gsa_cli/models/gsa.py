@@ -195,7 +195,9 @@ class GlobalSelfAttention2d(nn.Module):
         Pairs farther apart than the span get zeros. Its size does not depend on the batch.
         """
         padded = F.pad(table, (0, 0, 0, 1))  # (2L, d_k): row 2L-1 is the zero row
-        pairs = padded[self._index(size, table.device)]  # (a, i, d_k)
+        index = self._index(size, table.device)
+        # index_select: its backward sums rows with index_add, twice as fast as indexing's index_put.
+        pairs = padded.index_select(0, index.flatten()).unflatten(0, index.shape)  # (a, i, d_k)
         # Contiguous, so that every head's slice is a plain batch of matrices.
         return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 3, 1).contiguous()  # (h, a, d_k/h, i)
 
