@@ -196,7 +196,7 @@ class GlobalSelfAttention2d(nn.Module):
         """
         padded = F.pad(table, (0, 0, 0, 1))  # (2L, d_k): row 2L-1 is the zero row
         index = self._index(size, table.device)
-        # index_select: its backward sums rows with index_add, twice as fast as indexing's index_put.
+        # index_select, whose backward is index_add: 0.45-0.66x the time of indexing (its index_put).
         pairs = padded.index_select(0, index.flatten()).unflatten(0, index.shape)  # (a, i, d_k)
         # Contiguous, so that every head's slice is a plain batch of matrices.
         return pairs.unflatten(-1, (self.heads, -1)).permute(2, 0, 3, 1).contiguous()  # (h, a, d_k/h, i)

@@ -292,11 +292,12 @@ GSA_INLINE void pack_vectors(const View& v, int64_t head, const Lanes& lanes, in
   const Runs runs = runs_of(v, lanes);
   const T* base = static_cast<const T*>(v.data) + head * v.head;
   const T* limit = static_cast<const T*>(v.data) + v.extent;
+  const bool transposed = transposed_tile(v, runs, lanes);
   for (int64_t ch = 0; ch < channels; ++ch) {
     const T* plane = base + ch * v.channel;
     T* rows = dst + ch * g.Apad * C::VW;
 #if GSA_HAS_SHUFFLE
-    if (transposed_tile(v, runs, lanes)) {
+    if (transposed) {
       const T* next = g.A >= LONG_AXIS && ch + 1 < channels ? plane + v.channel : nullptr;
       pack_transposed<C>(plane, next, limit, runs, g, rows);
       continue;
@@ -312,8 +313,9 @@ GSA_INLINE void unpack_vectors(const typename C::scalar* src, const View& v, int
   using T = typename C::scalar;
   const Runs runs = runs_of(v, lanes);
   T* base = static_cast<T*>(v.data) + head * v.head;
+  const bool transposed = transposed_tile(v, runs, lanes);
   int64_t reach[MAX_LANES];
-  for (int l = runs.n - 1; l >= 0; --l) {
+  for (int l = transposed ? runs.n - 1 : -1; l >= 0; --l) {
     const bool adjacent = l + 1 < runs.n && runs.offset[l + 1] == runs.offset[l] + g.A;
     reach[l] = adjacent ? reach[l + 1] : runs.offset[l] + g.A;
   }
@@ -321,7 +323,7 @@ GSA_INLINE void unpack_vectors(const typename C::scalar* src, const View& v, int
     T* plane = base + ch * v.channel;
     const T* rows = src + ch * g.Apad * C::VW;
 #if GSA_HAS_SHUFFLE
-    if (transposed_tile(v, runs, lanes)) {
+    if (transposed) {
       unpack_transposed<C>(rows, runs, reach, g, plane);
       continue;
     }

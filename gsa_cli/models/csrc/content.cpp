@@ -88,10 +88,8 @@ GSA_INLINE typename C::scalar hsum(typename C::vec v) {
   using T = typename C::scalar;
   if constexpr (sizeof(typename C::vec) > 16) {
     using Half = typename VecType<T, sizeof(typename C::vec) / 2>::type;
-    Half low, high;
-    std::memcpy(&low, &v, sizeof(Half));
-    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
-    return hsum<Simd<T, sizeof(Half)>>(low + high);
+    const T* lanes = reinterpret_cast<const T*>(&v);
+    return hsum<Simd<T, sizeof(Half)>>(loadu<Half>(lanes) + loadu<Half>(lanes + C::VW / 2));
   } else {
     T sum = 0;
     for (int l = 0; l < C::VW; ++l) sum += v[l];
