@@ -254,6 +254,22 @@ def test_the_accuracy_axis_spans_at_least_a_point_and_stops_at_100(
         assert (low, high) == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_label_at_the_top_of_the_accuracy_axis_goes_below_its_point() -> None:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from gsa_cli.report.plots import _at_least_one_point, _label_points
+
+    frame = pd.DataFrame({"run": ["conv", "gsa"], "gmacs": [1.0, 2.0], "best": [100.0, 99.72]})
+    axis = Figure().subplots()
+    axis.scatter(frame["gmacs"], frame["best"])
+    _at_least_one_point(axis, frame["best"])
+    _label_points(axis, frame, "gmacs", "best")
+    offsets = {text.get_text(): text.xyann[1] for text in axis.texts}
+    assert offsets["conv"] < 0  # at 100%, the top of the axis: below the point, clear of the title
+    assert offsets["gsa"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Run labels for narrow columns.
 

@@ -122,6 +122,19 @@ def _at_least_one_point(axis: Any, top1: pd.Series) -> None:
     axis.set_ylim(low, high)
 
 
+def _label_points(axis: Any, frame: pd.DataFrame, x_column: str, y_column: str) -> None:
+    """Each run's name beside its point: above it, or below it in the top tenth of the y range (where
+    a label above would run into the title, as at 100%)."""
+    low, high = axis.get_ylim()
+    for _, row in frame.iterrows():
+        x, y = row[x_column], row[y_column]
+        if pd.isna(x) or pd.isna(y):
+            continue
+        below = y > high - (high - low) / 10
+        axis.annotate(str(row["run"]), (x, y), textcoords="offset points", xytext=(5, -5 if below else 5),
+                      va="top" if below else "baseline", fontsize="small")  # fmt: skip
+
+
 def _kind_legend(axis: Any, kinds: list[str]) -> None:
     handles = [Line2D([], [], marker="o", linestyle="", color=colour(kind), label=kind) for kind in kinds]
     axis.legend(handles=handles, title="model", fontsize="small")
@@ -137,16 +150,14 @@ def accuracy_vs_cost(frame: pd.DataFrame, column: str, label: str, path: Path) -
             if pd.isna(row[x_column]) or pd.isna(row[column]):
                 continue
             axis.scatter(row[x_column], row[column], color=colour(str(row["model"])), s=40, zorder=3)
-            axis.annotate(str(row["run"]), (row[x_column], row[column]), textcoords="offset points",
-                          xytext=(5, 5), fontsize="small")  # fmt: skip
         axis.set_xlabel(xlabel)
         axis.set_ylabel(f"{label} (%)")
         axis.grid(True, alpha=0.3)
         axis.margins(x=0.25, y=0.2)
+        _at_least_one_point(axis, frame[column])
+        _label_points(axis, frame, x_column, column)
         _kind_legend(axis, kinds)
     axes[1].xaxis.set_major_formatter(FuncFormatter(lambda value, _: _count(value)))
-    for axis in axes:
-        _at_least_one_point(axis, frame[column])
     axes[0].set_title(f"{label} against multiply-adds")
     axes[1].set_title(f"{label} against parameters")
     return _save(figure, path)
