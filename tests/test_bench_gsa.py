@@ -80,3 +80,31 @@ def test_gpu_script_stops_at_once_without_cuda(tmp_path: Path) -> None:
         == "benchmarks/gpu_runs.sh: no CUDA device here; run it on a GPU machine"
     )
     assert not out.exists()
+
+
+def test_step_profile_reports_wall_busy_time_and_operators() -> None:
+    script = ROOT / "benchmarks" / "gpu_step_profile.py"
+    args = [
+        "--preset",
+        "digits",
+        "--model",
+        "gsa",
+        "--batch",
+        "2",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--top",
+        "2",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("digits gsa, batch 2, CPU, bf16 False, channels-last False: wall ")
+    assert "ms/step, device-busy " in lines[0]
+    assert lines[0].endswith(" 0 launches/step")
+    assert lines[1] == "  by own CPU time (ms/step, calls/step):"
+    assert len(lines) == 4  # the title and two operators (once: on the CPU host time is device time)
