@@ -38,6 +38,13 @@ def timm() -> ModuleType:
     return module
 
 
+def _since_1_0_31(timm: ModuleType, helper: str) -> None:
+    """Skip where timm lacks ``timm.models.<helper>``: the model-argument helpers came with timm 1.0.31
+    (the rest of this file passes with timm 1.0.3 and 1.0.15 too; CI installs the newest)."""
+    if not hasattr(timm.models, helper):
+        pytest.skip(f"timm {timm.__version__} has no timm.models.{helper} (new in timm 1.0.31)")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
@@ -125,8 +132,9 @@ def test_in_chans_dtype_and_model_keys_reach_the_network(timm: ModuleType) -> No
 
 
 def test_timm_scripts_size_request_builds_the_net_for_that_size(timm: ModuleType) -> None:
-    # What train.py/validate.py do with --img-size: the config says fixed_input_size, so the size
-    # is passed to the entry point.
+    # What train.py/validate.py do with --img-size (timm 1.0.31 on): the config says fixed_input_size,
+    # so the size is passed to the entry point.
+    _since_1_0_31(timm, "resolve_model_input_args")
     arguments = timm.models.resolve_model_input_args("gsa_resnet26", args={"img_size": 64}, in_chans=3)
     model = timm.create_model(**arguments, num_classes=4, width=16)
     assert model.feature_sizes == [16, 16, 8, 4]
@@ -277,7 +285,15 @@ def test_forward_head_pre_logits_and_reset_classifier(timm: ModuleType) -> None:
         torch.testing.assert_close(model(x), features)  # the map itself
         with pytest.raises(ValueError, match="needs num_classes 0"):
             model.reset_classifier(3)  # a classifier on an unpooled map
+
+
+def test_timm_reads_the_pool_reset_classifier_set(timm: ModuleType) -> None:
+    _since_1_0_31(timm, "get_model_args")
+    model = _create(timm, num_classes=6)
+    model.reset_classifier(0, "")
     assert timm.models.get_model_args(model)["global_pool"] == ""
+    model.reset_classifier(4, "max")
+    assert timm.models.get_model_args(model)["global_pool"] == "max"
 
 
 def test_num_classes_zero_and_drop_rate(timm: ModuleType) -> None:
