@@ -148,6 +148,20 @@ def test_same_tables_serve_a_larger_input_than_the_span() -> None:
     torch.testing.assert_close(module(x), naive_gsa(module, x), rtol=1e-10, atol=1e-10)
 
 
+def test_in_eval_mode_the_positional_branch_grows_with_the_cube_of_the_input_scale() -> None:
+    # README: no softmax, and a fixed batch norm (here the identity: fresh running statistics, no eps
+    # shift in the ratio), so q (y(q, v)) is homogeneous of degree 3; with the content branch (degree 2
+    # times a softmax of the keys) the module grows about as fast.
+    torch.manual_seed(0)
+    positional = GlobalSelfAttention2d(8, 8, heads=2, span=5, content=False).double().eval()
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(positional(10 * x), 1000 * positional(x), rtol=1e-9, atol=0)
+        both = GlobalSelfAttention2d(8, 8, heads=2, span=5).double().eval()
+        growth = both(100 * x).abs().mean() / both(x).abs().mean()
+    assert 1e5 < growth < 1e7
+
+
 # ---------------------------------------------------------------------------------------------------
 # The reference (the einsums of models/gsa.py) against the loop; every implementation against it.
 
