@@ -10,10 +10,10 @@ forward and backward. ``"reference"`` runs the einsums below, autograd keeping t
 (:mod:`gsa_cli.models.gsa_kernels`) runs batched GEMMs that never store the logits; ``"native"``
 (:mod:`gsa_cli.models.gsa_native`) runs each axial pass, and the content branch, as one fused C++ kernel
 on the CPU, built on first use (gemm where it cannot run); ``"auto"`` (default) picks the fastest for the
-device: native on the CPU where it builds, gemm elsewhere (with one warning line saying why). gemm's
-forward+backward time and peak memory as a fraction of the reference's (``benchmarks/README.md``, rows
-``gsa`` against ``einsum``; 2-core AMD EPYC VM, fp32, batch 8): 56x56x64 0.35 and 0.26, 28x28x128 0.79
-and 0.46, 14x14x256 0.85 and 0.57, 7x7x512 0.82-1.09 and 0.71. No GPU comparison is recorded yet.
+device: native on the CPU where it builds, gemm elsewhere (with one warning line saying why). Training
+on the CPU kernels, :meth:`GlobalSelfAttention2d.forward` runs both branches as one autograd function
+(:mod:`gsa_cli.models.gsa_fused`: the same result, gradients summed where written). Timings and
+memory of each: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsa_cli.errors import SpanWarning
+from gsa_cli.models.gsa_fused import fused_attention, fused_ready
 from gsa_cli.models.gsa_kernels import axial_attention_gemm, content_attention_gemm
 from gsa_cli.models.gsa_native import axial_attention_auto, axial_attention_native
 from gsa_cli.models.gsa_native_content import content_attention_auto, content_attention_native
@@ -190,10 +191,8 @@ class GlobalSelfAttention2d(nn.Module):
         return self._index_cache[key]
 
     def _pairs(self, table: Tensor, size: int) -> Tensor:
-        """Relative table ``(2L-1, d_k)`` laid out per (query, key) pair: ``(heads, a, d_k/h, i)``.
-
-        Pairs farther apart than the span get zeros. Its size does not depend on the batch.
-        """
+        """Relative table ``(2L-1, d_k)`` laid out per (query, key) pair: ``(heads, a, d_k/h, i)``; pairs
+        farther apart than the span get zeros. Its size does not depend on the batch."""
         padded = F.pad(table, (0, 0, 0, 1))  # (2L, d_k): row 2L-1 is the zero row
         index = self._index(size, table.device)
         # index_select, whose backward is index_add: 0.45-0.66x the time of indexing (its index_put).
@@ -211,13 +210,18 @@ class GlobalSelfAttention2d(nn.Module):
         return axial_pass(q, y, self._pairs(self.rel_row, width), axis="width")  # (B, h, c, H, W)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, _, height, width = x.shape
-        dk, dv = self.key_channels, self.out_channels
-        q, k, v = self.qkv(x).split((dk, dk, dv), dim=1)
-        q = q.unflatten(1, (self.heads, -1))  # (B, h, dk/h, H, W)
-        k = k.unflatten(1, (self.heads, -1))  # (B, h, dk/h, H, W)
-        v = v.unflatten(1, (self.heads, -1))  # (B, h, dv/h, H, W)
+        qkv = self.qkv(x)
+        out = fused_attention(self, qkv) if fused_ready(self, qkv) else self._attention(qkv)
+        if self.stride == 2:  # ceil_mode keeps odd sizes in step with the strided 1x1 shortcut
+            out = F.avg_pool2d(out, 2, ceil_mode=True)
+        return out
 
+    def _attention(self, qkv: Tensor) -> Tensor:
+        """Spec 1.1-1.3 on the projection ``qkv``: both branches, summed; ``(B, d_v, H, W)``."""
+        batch, _, height, width = qkv.shape
+        dk, dv = self.key_channels, self.out_channels
+        # (B, h, dk/h, H, W) twice, then (B, h, dv/h, H, W)
+        q, k, v = (t.unflatten(1, (self.heads, -1)) for t in qkv.split((dk, dk, dv), dim=1))
         out = None
         if self.content:
             content_branch = CONTENT[self.implementation]
@@ -228,8 +232,4 @@ class GlobalSelfAttention2d(nn.Module):
             positional = self._positional(q, v)  # (B, h, dv/h, H, W), possibly strided
             out = positional if out is None else out + positional  # spec 1.3
         assert out is not None  # at least one branch is on
-        out = out.reshape(batch, dv, height, width)  # heads concatenated, head-major
-        if self.stride == 2:
-            # ceil_mode keeps odd sizes in step with the strided 1x1 shortcut.
-            out = F.avg_pool2d(out, 2, ceil_mode=True)
-        return out
+        return out.reshape(batch, dv, height, width)  # heads concatenated, head-major

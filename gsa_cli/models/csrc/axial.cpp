@@ -398,10 +398,10 @@ using BackwardFn = void (*)(const BackwardArgs<T>&, int64_t, int64_t, int64_t, T
                               const Geometry& g, T* dst) {                                              \
     pack_vectors<CONFIG<T>>(v, head, lanes, channels, g, dst);                                          \
   }                                                                                                     \
-  template <typename T>                                                                                 \
+  template <typename T, bool ACC>                                                                       \
   ATTRIBUTES void unpack_##NAME(const T* src, const View& v, int64_t head, const Lanes& lanes,           \
                                 int64_t channels, const Geometry& g) {                                  \
-    unpack_vectors<CONFIG<T>>(src, v, head, lanes, channels, g);                                        \
+    unpack_vectors<CONFIG<T>, ACC>(src, v, head, lanes, channels, g);                                   \
   }
 
 GSA_VARIANT(baseline, Baseline, )
@@ -455,17 +455,23 @@ PackFn<T> pack_for(Isa isa, at::ScalarType type, const View& view, const Geometr
                      [](auto* s) -> PackFn<T> { return copy_in<std::remove_pointer_t<decltype(s)>, T>; });
 }
 
-template <typename T>
+template <typename T, bool ACC>
 UnpackFn<T> unpack_for(Isa isa, at::ScalarType type, const View& view, const Geometry& g) {
   if (type == c10::CppTypeToScalarType<T>::value && vector_unpack(view, g)) {
 #if GSA_X86
-    if (isa == Isa::avx512) return unpack_avx512<T>;
-    if (isa == Isa::avx2) return unpack_avx2<T>;
+    if (isa == Isa::avx512) return unpack_avx512<T, ACC>;
+    if (isa == Isa::avx2) return unpack_avx2<T, ACC>;
 #endif
-    return unpack_baseline<T>;
+    return unpack_baseline<T, ACC>;
   }
   return visit_dtype(type, "gsa native axial attention",
-                     [](auto* s) -> UnpackFn<T> { return copy_out<std::remove_pointer_t<decltype(s)>, T>; });
+                     [](auto* s) -> UnpackFn<T> { return copy_out<std::remove_pointer_t<decltype(s)>, T, ACC>; });
+}
+
+// Stores into the tensor, or (accumulate) adds to what it holds.
+template <typename T>
+UnpackFn<T> unpack_for(Isa isa, at::ScalarType type, const View& view, const Geometry& g, bool accumulate) {
+  return accumulate ? unpack_for<T, true>(isa, type, view, g) : unpack_for<T, false>(isa, type, view, g);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -533,7 +539,7 @@ void run_forward(const at::Tensor& queries, const at::Tensor& values, const at::
                       table.const_data_ptr<T>(),
                       pack_for<T>(isa, queries.scalar_type(), q, g),
                       pack_for<T>(isa, values.scalar_type(), v, g),
-                      unpack_for<T>(isa, out.scalar_type(), o, g)};
+                      unpack_for<T>(isa, out.scalar_type(), o, g, false)};
   ForwardFn<T> fn = forward_fn<T>(isa);
   at::parallel_for(0, g.heads * g.tiles, grain_size(g), [&](int64_t begin, int64_t end) {
     fn(args, begin, end);
@@ -558,10 +564,19 @@ at::Tensor axial_forward(const at::Tensor& queries, const at::Tensor& values, co
   return out;
 }
 
+// Where a backward writes the queries' and values' gradients: tensors of their inputs' sizes (empty where
+// not needed), stored into or (accumulate) added to.
+struct Into {
+  at::Tensor queries, values;
+  bool accumulate_queries = false, accumulate_values = false;
+};
+
 template <typename T>
 void run_backward(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& values,
-                  const at::Tensor& table, at::Tensor& grad_queries, at::Tensor& grad_values, at::Tensor& grad_table,
-                  const Geometry& g, int64_t dim, bool need_q, bool need_v, bool need_p, Isa isa) {
+                  const at::Tensor& table, const Into& into, at::Tensor& grad_table, const Geometry& g, int64_t dim,
+                  bool need_p, Isa isa) {
+  const at::Tensor &grad_queries = into.queries, &grad_values = into.values;
+  const bool need_q = grad_queries.numel() > 0, need_v = grad_values.numel() > 0;
   const View gr = view_of(grad, dim), q = view_of(queries, dim), v = view_of(values, dim);
   const View gq = need_q ? view_of(grad_queries, dim) : View{}, gv = need_v ? view_of(grad_values, dim) : View{};
   BackwardArgs<T> args{g,
@@ -577,8 +592,8 @@ void run_backward(const at::Tensor& grad, const at::Tensor& queries, const at::T
                        pack_for<T>(isa, grad.scalar_type(), gr, g),
                        pack_for<T>(isa, queries.scalar_type(), q, g),
                        pack_for<T>(isa, values.scalar_type(), v, g),
-                       unpack_for<T>(isa, grad_queries.scalar_type(), gq, g),
-                       unpack_for<T>(isa, grad_values.scalar_type(), gv, g)};
+                       unpack_for<T>(isa, grad_queries.scalar_type(), gq, g, into.accumulate_queries),
+                       unpack_for<T>(isa, grad_values.scalar_type(), gv, g, into.accumulate_values)};
   BackwardFn<T> fn = backward_fn<T>(isa);
   // Each chunk of work items sums its table gradient into a buffer of its own; the buffers are added
   // up in the chunks' order afterwards, so that the result does not depend on which thread ends first.
@@ -608,42 +623,67 @@ void run_backward(const at::Tensor& grad, const at::Tensor& queries, const at::T
   }
 }
 
-std::vector<at::Tensor> axial_backward(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& values,
-                                       const at::Tensor& pairs, int64_t dim, bool need_q, bool need_v, bool need_p,
-                                       const std::string& requested) {
+// The backward into `into` (the queries' and values' gradients); returns the pairs' gradient (empty
+// unless need_p).
+at::Tensor backward_into(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& values,
+                         const at::Tensor& pairs, int64_t dim, const Into& into, bool need_p,
+                         const std::string& requested) {
   check_inputs(queries, values, pairs, dim);
   TORCH_CHECK(grad.sizes() == values.sizes(), "gsa native axial attention: the gradient ", grad.sizes(),
               " does not match the values ", values.sizes());
   TORCH_CHECK(grad.device().is_cpu() && at::isFloatingType(grad.scalar_type()),
               "gsa native axial attention: a floating CPU gradient");
+  const bool need_q = into.queries.numel() > 0, need_v = into.values.numel() > 0;
+  TORCH_CHECK(!need_q || (into.queries.sizes() == queries.sizes() && into.queries.device().is_cpu()),
+              "gsa native axial attention: the queries' gradient ", into.queries.sizes(), " does not match ",
+              queries.sizes());
+  TORCH_CHECK(!need_v || (into.values.sizes() == values.sizes() && into.values.device().is_cpu()),
+              "gsa native axial attention: the values' gradient ", into.values.sizes(), " does not match ",
+              values.sizes());
   Isa isa = pick_isa(requested);
   at::ScalarType compute = compute_type(queries);
   bool is_double = compute == at::kDouble;
   Geometry g = geometry(queries, values, dim, lanes_of(isa, is_double), table_lanes_of(isa, is_double));
-  at::Tensor grad_queries = need_q ? at::empty(queries.sizes(), queries.options()) : queries.new_empty({0});
-  at::Tensor grad_values = need_v ? at::empty(values.sizes(), values.options()) : values.new_empty({0});
   at::Tensor grad_table = need_p ? at::zeros({g.heads, g.Apad, g.A, g.dpad}, pairs.options().dtype(compute))
                                  : pairs.new_empty({0});
   if (g.M == 0 || g.A == 0 || g.heads == 0) {
-    if (need_q) grad_queries.zero_();
-    if (need_v) grad_values.zero_();
+    if (need_q && !into.accumulate_queries) into.queries.zero_();
+    if (need_v && !into.accumulate_values) into.values.zero_();
   } else if (need_q || need_v || need_p) {
     at::Tensor table = table_layout(pairs, g, compute);
     if (is_double) {
-      run_backward<double>(grad, queries, values, table, grad_queries, grad_values, grad_table, g, dim, need_q,
-                           need_v, need_p, isa);
+      run_backward<double>(grad, queries, values, table, into, grad_table, g, dim, need_p, isa);
     } else {
-      run_backward<float>(grad, queries, values, table, grad_queries, grad_values, grad_table, g, dim, need_q,
-                          need_v, need_p, isa);
+      run_backward<float>(grad, queries, values, table, into, grad_table, g, dim, need_p, isa);
     }
   }
-  at::Tensor grad_pairs = pairs.new_empty({0});
-  if (need_p) {
-    // [h][Apad][A][dpad] -> (h, A, d, A), in the table's dtype.
-    grad_pairs = grad_table.narrow(1, 0, g.A).narrow(3, 0, g.d).permute({0, 1, 3, 2}).to(pairs.scalar_type())
-                     .contiguous();
-  }
-  return {grad_queries, grad_values, grad_pairs};
+  if (!need_p) return pairs.new_empty({0});
+  // [h][Apad][A][dpad] -> (h, A, d, A), in the table's dtype.
+  return grad_table.narrow(1, 0, g.A).narrow(3, 0, g.d).permute({0, 1, 3, 2}).to(pairs.scalar_type()).contiguous();
+}
+
+std::vector<at::Tensor> axial_backward(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& values,
+                                       const at::Tensor& pairs, int64_t dim, bool need_q, bool need_v, bool need_p,
+                                       const std::string& requested) {
+  Into into{need_q ? at::empty(queries.sizes(), queries.options()) : queries.new_empty({0}),
+            need_v ? at::empty(values.sizes(), values.options()) : values.new_empty({0})};
+  at::Tensor grad_pairs = backward_into(grad, queries, values, pairs, dim, into, need_p, requested);
+  return {into.queries, into.values, grad_pairs};
+}
+
+// The backward writing the queries' and values' gradients into given tensors (of any strides; empty
+// where not needed), added to what they hold where asked: the module's fused backward sums the
+// gradients of the queries (three uses) and values (two) where they are written.
+at::Tensor axial_backward_into(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& values,
+                               const at::Tensor& pairs, int64_t dim, const at::Tensor& grad_queries,
+                               const at::Tensor& grad_values, bool accumulate_queries, bool accumulate_values,
+                               bool need_p, const std::string& requested) {
+  TORCH_CHECK(grad_queries.numel() == 0 || grad_queries.scalar_type() == queries.scalar_type(),
+              "gsa native axial attention: the queries' gradient must have the queries' dtype");
+  TORCH_CHECK(grad_values.numel() == 0 || grad_values.scalar_type() == values.scalar_type(),
+              "gsa native axial attention: the values' gradient must have the values' dtype");
+  Into into{grad_queries, grad_values, accumulate_queries, accumulate_values};
+  return backward_into(grad, queries, values, pairs, dim, into, need_p, requested);
 }
 
 std::string variant(const std::string& requested) { return isa_name(pick_isa(requested)); }
@@ -658,5 +698,10 @@ TORCH_LIBRARY(gsa_native, m) {
       "axial_backward(Tensor grad, Tensor queries, Tensor values, Tensor pairs, int dim, bool need_queries, "
       "bool need_values, bool need_pairs, str isa) -> Tensor[]",
       &axial_backward);
+  m.def(
+      "axial_backward_into(Tensor grad, Tensor queries, Tensor values, Tensor pairs, int dim, "
+      "Tensor(a!) grad_queries, Tensor(b!) grad_values, bool accumulate_queries, bool accumulate_values, "
+      "bool need_pairs, str isa) -> Tensor",
+      &axial_backward_into);
   m.def("variant(str requested) -> str", &variant);
 }

@@ -124,7 +124,14 @@ void copy_in(const View& v, int64_t head, const Lanes& lanes, int64_t channels, 
   }
 }
 
-template <typename S, typename T>
+// An unpack stores a buffer into its tensor, or adds it to what the tensor holds (ACC): the gradient
+// of an input used by several passes, summed where it is written (the module's fused backward).
+template <bool ACC, typename S, typename T>
+GSA_INLINE void put(S* to, T value) {
+  *to = ACC ? static_cast<S>(static_cast<T>(*to) + value) : static_cast<S>(value);
+}
+
+template <typename S, typename T, bool ACC = false>
 void copy_out(const T* src, const View& v, int64_t head, const Lanes& lanes, int64_t channels, const Geometry& g) {
   const int64_t vw = g.lanes;
   S* base = static_cast<S*>(v.data) + head * v.head;
@@ -135,7 +142,7 @@ void copy_out(const T* src, const View& v, int64_t head, const Lanes& lanes, int
     if (runs.n == lanes.n) {
       for (int l = 0; l < lanes.n; ++l) {
         S* to = plane + runs.offset[l];
-        for (int64_t a = 0; a < g.A; ++a) to[a * v.pos] = static_cast<S>(rows[a * vw + l]);
+        for (int64_t a = 0; a < g.A; ++a) put<ACC>(to + a * v.pos, rows[a * vw + l]);
       }
       continue;
     }
@@ -143,7 +150,7 @@ void copy_out(const T* src, const View& v, int64_t head, const Lanes& lanes, int
       for (int r = 0; r < runs.n; ++r) {
         const T* from = rows + a * vw + runs.first[r];
         S* to = plane + a * v.pos + runs.offset[r];
-        for (int k = 0; k < runs.length[r]; ++k) to[k] = static_cast<S>(from[k]);
+        for (int k = 0; k < runs.length[r]; ++k) put<ACC>(to + k, from[k]);
       }
     }
   }
@@ -215,7 +222,8 @@ GSA_INLINE void pack_transposed(const typename C::scalar* plane, const typename 
 
 // On a short axis (one block) a lane's whole vector is stored where what it spills over is the next
 // lanes' positions, stored after it: `reach[l]`, the end of the lanes adjacent to lane l from it on.
-template <class C>
+// Adding (ACC), the vector's lanes past the axis are zero: what it spills over keeps its value.
+template <class C, bool ACC>
 GSA_INLINE void unpack_transposed(const typename C::scalar* rows, const Runs& runs, const int64_t* reach,
                                   const Geometry& g, typename C::scalar* plane) {
   using V = typename C::vec;
@@ -229,11 +237,11 @@ GSA_INLINE void unpack_transposed(const typename C::scalar* rows, const Runs& ru
     for (int l = 0; l < runs.n; ++l) {
       T* to = plane + runs.offset[l] + a0;
       if (count == VW || (g.A < VW && runs.offset[l] + VW <= reach[l])) {
-        storeu(to, block[l]);
+        storeu(to, ACC ? block[l] + loadu<V>(to) : block[l]);
       } else {
         alignas(64) T part[VW];
         store(part, block[l]);
-        std::copy(part, part + count, to);
+        for (int64_t k = 0; k < count; ++k) put<ACC>(to + k, part[k]);
       }
     }
   }
@@ -267,7 +275,7 @@ GSA_INLINE void pack_runs(const typename C::scalar* plane, const typename C::sca
     for (int l = a < g.A ? lanes : 0; l < VW; ++l) rows[a * VW + l] = T(0);
 }
 
-template <class C>
+template <class C, bool ACC>
 GSA_INLINE void unpack_runs(const typename C::scalar* rows, const View& v, const Runs& runs, const Geometry& g,
                             typename C::scalar* plane) {
   constexpr int VW = C::VW;
@@ -276,9 +284,10 @@ GSA_INLINE void unpack_runs(const typename C::scalar* rows, const View& v, const
       const typename C::scalar* from = rows + a * VW + runs.first[r];
       typename C::scalar* to = plane + a * v.pos + runs.offset[r];
       if (runs.length[r] == VW) {
-        storeu(to, load<typename C::vec>(from));
+        const typename C::vec value = load<typename C::vec>(from);
+        storeu(to, ACC ? value + loadu<typename C::vec>(to) : value);
       } else {
-        for (int k = 0; k < runs.length[r]; ++k) to[k] = from[k];
+        for (int k = 0; k < runs.length[r]; ++k) put<ACC>(to + k, from[k]);
       }
     }
   }
@@ -307,7 +316,7 @@ GSA_INLINE void pack_vectors(const View& v, int64_t head, const Lanes& lanes, in
   }
 }
 
-template <class C>
+template <class C, bool ACC>
 GSA_INLINE void unpack_vectors(const typename C::scalar* src, const View& v, int64_t head, const Lanes& lanes,
                                int64_t channels, const Geometry& g) {
   using T = typename C::scalar;
@@ -324,11 +333,11 @@ GSA_INLINE void unpack_vectors(const typename C::scalar* src, const View& v, int
     const T* rows = src + ch * g.Apad * C::VW;
 #if GSA_HAS_SHUFFLE
     if (transposed) {
-      unpack_transposed<C>(rows, runs, reach, g, plane);
+      unpack_transposed<C, ACC>(rows, runs, reach, g, plane);
       continue;
     }
 #endif
-    unpack_runs<C>(rows, v, runs, g, plane);
+    unpack_runs<C, ACC>(rows, v, runs, g, plane);
   }
 }
 

@@ -540,6 +540,41 @@ std::vector<at::Tensor> content_backward(const at::Tensor& grad, const at::Tenso
   return {gq, gk, gv};
 }
 
+// The backward storing the gradients into given tensors of the inputs' sizes (any strides; empty where
+// not needed): the module's fused backward writes them into its projection's gradient.
+void content_backward_into(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& keys,
+                           const at::Tensor& values, const at::Tensor& grad_queries, const at::Tensor& grad_keys,
+                           const at::Tensor& grad_values, const std::string& requested) {
+  Sizes s = check_inputs(queries, keys, values);
+  TORCH_CHECK(grad.sizes() == values.sizes() && grad.device().is_cpu() && at::isFloatingType(grad.scalar_type()),
+              "gsa native content attention: the gradient ", grad.sizes(), " does not match the values ",
+              values.sizes());
+  const at::Tensor* inputs[3] = {&queries, &keys, &values};
+  const at::Tensor* outs[3] = {&grad_queries, &grad_keys, &grad_values};
+  at::Tensor* wanted[3] = {nullptr, nullptr, nullptr};
+  at::Tensor held[3];
+  for (int i = 0; i < 3; ++i) {
+    if (outs[i]->numel() == 0) continue;
+    TORCH_CHECK(outs[i]->sizes() == inputs[i]->sizes() && outs[i]->scalar_type() == inputs[i]->scalar_type() &&
+                    outs[i]->device().is_cpu(),
+                "gsa native content attention: a gradient ", outs[i]->sizes(), " does not match its input ",
+                inputs[i]->sizes());
+    held[i] = *outs[i];
+    wanted[i] = &held[i];
+  }
+  if (s.batch * s.heads == 0 || s.N == 0) {
+    for (at::Tensor* t : wanted)
+      if (t != nullptr) t->zero_();
+    return;
+  }
+  Isa isa = pick_isa(requested);
+  if (queries.scalar_type() == at::kDouble) {
+    run_backward<double>(s, grad, queries, keys, values, wanted[0], wanted[1], wanted[2], isa);
+  } else {
+    run_backward<float>(s, grad, queries, keys, values, wanted[0], wanted[1], wanted[2], isa);
+  }
+}
+
 }  // namespace
 
 // Private operators: the public one, with its fake implementation and autograd, is
@@ -550,4 +585,8 @@ TORCH_LIBRARY_FRAGMENT(gsa_native, m) {
       "content_backward(Tensor grad, Tensor queries, Tensor keys, Tensor values, bool need_queries, "
       "bool need_keys, bool need_values, str isa) -> Tensor[]",
       &content_backward);
+  m.def(
+      "content_backward_into(Tensor grad, Tensor queries, Tensor keys, Tensor values, Tensor(a!) grad_queries, "
+      "Tensor(b!) grad_keys, Tensor(c!) grad_values, str isa) -> ()",
+      &content_backward_into);
 }
