@@ -108,6 +108,9 @@ def _unfused(
 
 
 class _FusedAttention(torch.autograd.Function):
+    """Both branches and their sum from the projection, the pairs of both tables and the batch norm's
+    affine parameters; ``layout`` and ``settings`` as :func:`fused_attention` makes them."""
+
     @staticmethod
     def forward(
         ctx: Any,
