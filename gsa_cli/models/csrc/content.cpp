@@ -493,7 +493,7 @@ at::Tensor content_forward(const at::Tensor& queries, const at::Tensor& keys, co
 
 template <typename T>
 void run_backward(const Sizes& s, const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& keys,
-                  const at::Tensor& values, at::Tensor* gq, at::Tensor* gk, at::Tensor* gv, Isa isa) {
+                  const at::Tensor& values, const at::Tensor* gq, const at::Tensor* gk, const at::Tensor* gv, Isa isa) {
   Args<T> args = args_of<T>(s, queries, keys, values);
   args.grad = operand_of(grad);
   args.pack_grad = pack_for<T>(grad.scalar_type());
@@ -512,67 +512,49 @@ void run_backward(const Sizes& s, const at::Tensor& grad, const at::Tensor& quer
   run(args, isa, true);
 }
 
-std::vector<at::Tensor> content_backward(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& keys,
-                                         const at::Tensor& values, bool need_q, bool need_k, bool need_v,
-                                         const std::string& requested) {
-  Sizes s = check_inputs(queries, keys, values);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.batch && grad.size(1) == s.heads && grad.size(2) == s.c &&
-                  grad.size(3) == s.N,
-              "gsa native content attention: the gradient ", grad.sizes(), " does not match the values ",
-              values.sizes());
-  TORCH_CHECK(grad.device().is_cpu() && at::isFloatingType(grad.scalar_type()),
-              "gsa native content attention: a floating CPU gradient");
-  at::Tensor gq = need_q ? at::empty(queries.sizes(), queries.options()) : queries.new_empty({0});
-  at::Tensor gk = need_k ? at::empty(keys.sizes(), keys.options()) : keys.new_empty({0});
-  at::Tensor gv = need_v ? at::empty(values.sizes(), values.options()) : values.new_empty({0});
-  bool empty = s.batch * s.heads == 0 || s.N == 0;
-  if (empty || !(need_q || need_k || need_v)) {
-    for (at::Tensor* t : {&gq, &gk, &gv}) t->zero_();
-    return {gq, gk, gv};
-  }
-  Isa isa = pick_isa(requested);
-  at::Tensor* outs[3] = {need_q ? &gq : nullptr, need_k ? &gk : nullptr, need_v ? &gv : nullptr};
-  if (queries.scalar_type() == at::kDouble) {
-    run_backward<double>(s, grad, queries, keys, values, outs[0], outs[1], outs[2], isa);
-  } else {
-    run_backward<float>(s, grad, queries, keys, values, outs[0], outs[1], outs[2], isa);
-  }
-  return {gq, gk, gv};
-}
-
 // The backward storing the gradients into given tensors of the inputs' sizes (any strides; empty where
 // not needed): the module's fused backward writes them into its projection's gradient.
 void content_backward_into(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& keys,
                            const at::Tensor& values, const at::Tensor& grad_queries, const at::Tensor& grad_keys,
                            const at::Tensor& grad_values, const std::string& requested) {
   Sizes s = check_inputs(queries, keys, values);
-  TORCH_CHECK(grad.sizes() == values.sizes() && grad.device().is_cpu() && at::isFloatingType(grad.scalar_type()),
-              "gsa native content attention: the gradient ", grad.sizes(), " does not match the values ",
-              values.sizes());
+  TORCH_CHECK(grad.sizes() == values.sizes(), "gsa native content attention: the gradient ", grad.sizes(),
+              " does not match the values ", values.sizes());
+  TORCH_CHECK(grad.device().is_cpu() && at::isFloatingType(grad.scalar_type()),
+              "gsa native content attention: a floating CPU gradient");
   const at::Tensor* inputs[3] = {&queries, &keys, &values};
   const at::Tensor* outs[3] = {&grad_queries, &grad_keys, &grad_values};
-  at::Tensor* wanted[3] = {nullptr, nullptr, nullptr};
-  at::Tensor held[3];
+  const at::Tensor* wanted[3] = {nullptr, nullptr, nullptr};
   for (int i = 0; i < 3; ++i) {
     if (outs[i]->numel() == 0) continue;
     TORCH_CHECK(outs[i]->sizes() == inputs[i]->sizes() && outs[i]->scalar_type() == inputs[i]->scalar_type() &&
                     outs[i]->device().is_cpu(),
                 "gsa native content attention: a gradient ", outs[i]->sizes(), " does not match its input ",
                 inputs[i]->sizes());
-    held[i] = *outs[i];
-    wanted[i] = &held[i];
+    wanted[i] = outs[i];
   }
   if (s.batch * s.heads == 0 || s.N == 0) {
-    for (at::Tensor* t : wanted)
+    for (const at::Tensor* t : wanted)
       if (t != nullptr) t->zero_();
     return;
   }
+  if (wanted[0] == nullptr && wanted[1] == nullptr && wanted[2] == nullptr) return;
   Isa isa = pick_isa(requested);
   if (queries.scalar_type() == at::kDouble) {
     run_backward<double>(s, grad, queries, keys, values, wanted[0], wanted[1], wanted[2], isa);
   } else {
     run_backward<float>(s, grad, queries, keys, values, wanted[0], wanted[1], wanted[2], isa);
   }
+}
+
+std::vector<at::Tensor> content_backward(const at::Tensor& grad, const at::Tensor& queries, const at::Tensor& keys,
+                                         const at::Tensor& values, bool need_q, bool need_k, bool need_v,
+                                         const std::string& requested) {
+  at::Tensor gq = need_q ? at::empty(queries.sizes(), queries.options()) : queries.new_empty({0});
+  at::Tensor gk = need_k ? at::empty(keys.sizes(), keys.options()) : keys.new_empty({0});
+  at::Tensor gv = need_v ? at::empty(values.sizes(), values.options()) : values.new_empty({0});
+  content_backward_into(grad, queries, keys, values, gq, gk, gv, requested);
+  return {gq, gk, gv};
 }
 
 }  // namespace
