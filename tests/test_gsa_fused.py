@@ -15,17 +15,11 @@ from test_gsa_native import SHAPES, VARIANTS, pass_inputs, reference
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gsa_cli.models import gsa_fused, gsa_native
+from gsa_cli.models import gsa_fused
 from gsa_cli.models.gsa import GlobalSelfAttention2d
 from gsa_cli.models.gsa_kernels import HEIGHT, WIDTH
 
-
-@pytest.fixture(scope="module", autouse=True)
-def kernel() -> gsa_native.KernelState:
-    state = gsa_native.build()
-    if state.error is not None:
-        pytest.skip(f"the native kernel does not build here: {state.error}")
-    return state
+pytestmark = pytest.mark.usefixtures("kernel")  # tests/conftest.py: built once, else skipped
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,11 +111,11 @@ def test_content_backward_into_writes_the_gradients_into_strided_slices() -> Non
 def _module(case: dict[str, object]) -> tuple[GlobalSelfAttention2d, torch.Tensor]:
     torch.manual_seed(0)
     channels, heads, size, span = 12, 3, (5, 7), 7
-    options = {k: v for k, v in case.items() if k in ("stride",)}
-    module = GlobalSelfAttention2d(channels, channels, heads=heads, span=span, **options).double()  # type: ignore[arg-type]
+    stride = int(case.get("stride", 1))  # type: ignore[call-overload]
+    module = GlobalSelfAttention2d(channels, channels, heads=heads, span=span, stride=stride).double()
     bn = case.get("bn")
-    if bn is not None:
-        module.bn = bn.double()  # type: ignore[attr-defined]
+    if isinstance(bn, nn.BatchNorm2d):
+        module.bn = copy.deepcopy(bn).double()  # the case's own stays as declared
     with torch.no_grad():
         if module.bn.affine:
             module.bn.weight.uniform_(0.5, 1.5)

@@ -42,14 +42,6 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="session")
-def kernel() -> gsa_native.KernelState:
-    state = gsa_native.build()
-    if state.error is not None:
-        pytest.skip(f"the native kernel does not build here: {state.error}")
-    return state
-
-
 def pass_inputs(
     shape: tuple[int, ...], dim: int, dtype: torch.dtype = torch.float64, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

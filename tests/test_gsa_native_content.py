@@ -29,12 +29,7 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel() -> gsa_native.KernelState:
-    state = gsa_native.build()
-    if state.error is not None:
-        pytest.skip(f"the native kernel does not build here: {state.error}")
-    return state
+pytestmark = pytest.mark.usefixtures("kernel")  # tests/conftest.py: built once, else skipped
 
 
 def branch_inputs(
