@@ -34,6 +34,7 @@ from gsa_cli import load_preset
 from gsa_cli.bench.timers import cpu_wait
 from gsa_cli.models import build_model
 from gsa_cli.models.gsa import GlobalSelfAttention2d
+from gsa_cli.report.tables import write as write_table
 
 FUSED = gsa_module.fused_ready
 # (batch, channels, map side, heads, iterations per round)
@@ -116,9 +117,7 @@ def main() -> None:
     table["threads"] = torch.get_num_threads()
     print(table.to_string(index=False))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_table(table, args.out)}")
 
 
 if __name__ == "__main__":

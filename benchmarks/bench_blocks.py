@@ -45,6 +45,7 @@ from gsa_cli.bench.timers import cpu_wait, time_steps
 from gsa_cli.config import Config
 from gsa_cli.models import build_model
 from gsa_cli.models.gsa import GlobalSelfAttention2d
+from gsa_cli.report.tables import write as write_table
 
 CPU = torch.device("cpu")
 
@@ -253,9 +254,7 @@ def main() -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table.drop(columns=["torch", "threads", "preset"]).to_string(index=False))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_table(table, args.out)}")
 
 
 if __name__ == "__main__":

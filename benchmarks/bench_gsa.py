@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 from gsa_cli.bench.timers import cpu_wait, peak_memory, time_steps  # noqa: E402
 from gsa_cli.models.full import FullSelfAttention2d  # noqa: E402
 from gsa_cli.models.gsa import GlobalSelfAttention2d, content_attention, relative_index  # noqa: E402
+from gsa_cli.report.tables import write as write_table  # noqa: E402
 from gsa_cli.runtime import Precision, autocast, device_name, synchronize  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
@@ -307,9 +308,7 @@ def main() -> None:
             geomean = float(gsa[column].prod() ** (1 / len(gsa)))
             print(f"gsa {column}: geometric mean over stages {geomean:.3f}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_table(table, args.out)}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -17,22 +17,12 @@ from gsa_cli.bench.macs import count_macs
 from gsa_cli.models import build_model
 from gsa_cli.models.gsa import GlobalSelfAttention2d
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_blocks", ROOT / "benchmarks" / "bench_blocks.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_blocks"] = module
-    spec.loader.exec_module(module)
-    return module
+Loader = Callable[[str], ModuleType]  # the conftest fixture load_benchmark
 
 
 @pytest.mark.parametrize("size", [8, 7], ids=["even", "odd"])
-def test_pool_first_pools_then_attends_at_the_output_size(size: int) -> None:
-    bench = _load_benchmark()
+def test_pool_first_pools_then_attends_at_the_output_size(size: int, load_benchmark: Loader) -> None:
+    bench = load_benchmark("bench_blocks")
     torch.manual_seed(0)
     module = GlobalSelfAttention2d(8, 8, heads=2, span=size, stride=2, implementation="gemm")
     variant = bench.pooled_first(module, size)
@@ -46,8 +36,8 @@ def test_pool_first_pools_then_attends_at_the_output_size(size: int) -> None:
     torch.testing.assert_close(out, gsa(F.avg_pool2d(x, 2, ceil_mode=True)))
 
 
-def test_operator_inputs_are_what_each_spatial_operator_sees() -> None:
-    bench = _load_benchmark()
+def test_operator_inputs_are_what_each_spatial_operator_sees(load_benchmark: Loader) -> None:
+    bench = load_benchmark("bench_blocks")
     model = build_model(load_preset("smoke", model="gsa")).train()
     images = torch.randn(2, 3, 16, 16)
     inputs = bench.operator_inputs(model, images)
@@ -60,8 +50,10 @@ def test_operator_inputs_are_what_each_spatial_operator_sees() -> None:
         assert not inputs[name].requires_grad
 
 
-def test_a_smoke_run_writes_consistent_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = _load_benchmark()
+def test_a_smoke_run_writes_consistent_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_benchmark: Loader
+) -> None:
+    bench = load_benchmark("bench_blocks")
     out = tmp_path / "blocks.csv"
     argv = ["bench_blocks.py", "--preset", "smoke", "--batch", "2", "--rounds", "1", "--iters", "1",
             "--step-iters", "1", "--out", str(out)]  # fmt: skip

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -16,21 +16,12 @@ import torch
 from gsa_cli.models import GlobalSelfAttention2d
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_gsa", ROOT / "benchmarks" / "bench_gsa.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gsa"] = module
-    spec.loader.exec_module(module)
-    return module
+Loader = Callable[[str], ModuleType]  # the conftest fixture load_benchmark
 
 
 @pytest.mark.parametrize("span", [3, 9], ids=["span 3", "global"])
-def test_onehot_baseline_matches_the_module(span: int) -> None:
-    bench = _load_benchmark()
+def test_onehot_baseline_matches_the_module(span: int, load_benchmark: Loader) -> None:
+    bench = load_benchmark("bench_gsa")
     torch.manual_seed(0)
     baseline = bench.OneHotGSA(8, 2, span).double().eval()
     with torch.no_grad():
@@ -40,8 +31,8 @@ def test_onehot_baseline_matches_the_module(span: int) -> None:
     torch.testing.assert_close(baseline(x), baseline.reference(x))
 
 
-def test_einsum_baseline_is_the_module_reference_and_gsa_its_default() -> None:
-    bench = _load_benchmark()
+def test_einsum_baseline_is_the_module_reference_and_gsa_its_default(load_benchmark: Loader) -> None:
+    bench = load_benchmark("bench_gsa")
     einsum, gsa = bench.build("einsum", 8, 7, 2), bench.build("gsa", 8, 7, 2)
     assert isinstance(einsum, GlobalSelfAttention2d)
     assert isinstance(gsa, GlobalSelfAttention2d)
