@@ -16,9 +16,9 @@ of the machine's speed falls on every variant alike):
   cross-entropy, backward, SGD update), and of the GSA net with every stride-2 module pooled first; the
   ``rest`` row: the step's GSA-minus-conv difference that the spatial operators do not account for.
 
-Every time is the median over ``--rounds`` rounds of ``--iters`` timed steps after one untimed step;
-``cpu_wait_pct`` is the largest share of a timing's wall time during which some task waited for a CPU
-(Linux PSI; near 0 on a quiet machine).
+Every time is the median over ``--rounds`` rounds of each round's median of ``--iters`` timed steps
+(after one untimed step); ``cpu_wait_pct`` is the largest share of a timing's wall time during which
+some task waited for a CPU (Linux PSI; near 0 on a quiet machine).
 
     python benchmarks/bench_blocks.py --preset imagenet50 --batch 8 --rounds 5 \
         --out benchmarks/results/bench_blocks_cpu_fp32_imagenet50_b8.csv
