@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--only", choices=("module", "step"), help="one kind of case")
-    parser.add_argument("--out", type=Path, help="CSV file for the results")
+    parser.add_argument("--out", type=Path, help="file for the results: .csv, .json or .md")
     args = parser.parse_args()
     rows = []
     if args.only != "step":

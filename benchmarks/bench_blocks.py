@@ -149,9 +149,8 @@ def built(config: Config) -> nn.Module:
 
 
 def block_rows(
-    nets: dict[str, nn.Module], images: Tensor, args: argparse.Namespace
+    nets: dict[str, nn.Module], inputs: dict[str, dict[str, Tensor]], args: argparse.Namespace
 ) -> list[dict[str, object]]:
-    inputs = {kind: operator_inputs(net, images) for kind, net in nets.items()}
     operators = {kind: spatial_operators(net) for kind, net in nets.items()}
     rows: list[dict[str, object]] = []
     for name, gsa in operators["gsa"].items():
@@ -174,17 +173,20 @@ def block_rows(
 
 
 def step_rows(
-    nets: dict[str, nn.Module], gsa_config: Config, images: Tensor, labels: Tensor, args: argparse.Namespace
+    nets: dict[str, nn.Module],
+    gsa_config: Config,
+    gsa_inputs: dict[str, Tensor],
+    batch: tuple[Tensor, Tensor],
+    args: argparse.Namespace,
 ) -> list[dict[str, object]]:
     models = dict(nets)
     if not args.no_pool_first:
         variant = built(gsa_config)
-        sizes = {name: x.shape[-1] for name, x in operator_inputs(variant, images[:1]).items()}
         for name, module in spatial_operators(variant).items():
             if isinstance(module, GlobalSelfAttention2d) and module.stride == 2:
-                variant.set_submodule(name, pooled_first(module, sizes[name]).train())
+                variant.set_submodule(name, pooled_first(module, gsa_inputs[name].shape[-1]).train())
         models["pool_first"] = variant
-    steps = {kind: training_step(model, images, labels) for kind, model in models.items()}
+    steps = {kind: training_step(model, *batch) for kind, model in models.items()}
     timed = interleaved(steps, args.rounds, args.step_iters)
     row: dict[str, object] = {"kind": "step", "name": "training step"}
     for kind in models:
@@ -231,7 +233,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed steps per block variant and round")
     parser.add_argument("--step-iters", type=int, default=2, help="timed training steps per round")
     parser.add_argument("--no-pool-first", action="store_true", help="skip the pool-first variant")
-    parser.add_argument("--out", type=Path, help="CSV file for the rows")
+    parser.add_argument("--out", type=Path, help="file for the table: .csv, .json or .md")
     args = parser.parse_args()
     twin_configs = configs(args.preset, args.img_size)
     nets = {kind: built(config) for kind, config in twin_configs.items()}
@@ -239,8 +241,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, data.channels, data.img_size, data.img_size, generator=generator)
     labels = torch.randint(0, data.num_classes, (args.batch,), generator=generator)
-    blocks = block_rows(nets, images, args)
-    step = step_rows(nets, twin_configs["gsa"], images, labels, args)[0]
+    inputs = {kind: operator_inputs(net, images) for kind, net in nets.items()}
+    blocks = block_rows(nets, inputs, args)
+    step = step_rows(nets, twin_configs["gsa"], inputs["gsa"], (images, labels), args)[0]
     table = ratios(pd.DataFrame([*blocks, *summary_rows(blocks, step), step]))
     table["stride"] = table["stride"].astype("Int64")
     for column in [c for c in table.columns if c.endswith("_macs")]:

@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per implementation and shape")
     parser.add_argument("--impl", default=",".join(IMPLEMENTATIONS), help="comma list of implementations")
     parser.add_argument("--stages", default="1,2,3,4", help="comma list of ResNet-50 stages (1-4)")
-    parser.add_argument("--out", type=Path, default=None, help="CSV file for the results")
+    parser.add_argument("--out", type=Path, default=None, help="file for the results: .csv, .json or .md")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
